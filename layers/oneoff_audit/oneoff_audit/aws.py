@@ -1,0 +1,39 @@
+"""boto3 clients built lazily (never at import time), with adaptive retries.
+
+The endpoint comes from the standard ``AWS_ENDPOINT_URL`` variable, so the same code talks to AWS
+or to the embedded moto server. :func:`reset_clients` drops cached clients (tests, new endpoint).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import boto3
+import botocore.session
+from botocore.config import Config
+
+RETRY_CONFIG = Config(
+    retries={"mode": "adaptive", "max_attempts": 8},
+    signature_version="s3v4",
+    connect_timeout=5,
+    read_timeout=60,
+)
+
+
+@cache
+def client(service: str) -> Any:
+    """A cached boto3 client for ``service`` (``s3``, ``kms``, ``sqs``)."""
+    return boto3.session.Session().client(service, config=RETRY_CONFIG)
+
+
+@cache
+def botocore_session() -> botocore.session.Session:
+    """A cached botocore session for the AWS Encryption SDK's KMS master key provider."""
+    return botocore.session.Session()
+
+
+def reset_clients() -> None:
+    """Forget cached clients so the next call reads the environment again."""
+    client.cache_clear()
+    botocore_session.cache_clear()

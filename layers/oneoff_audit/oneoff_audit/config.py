@@ -1,0 +1,108 @@
+"""Typed configuration: one frozen dataclass per component, read from the environment once.
+
+``ENV`` on each class lists exactly the variables that component reads; the template test checks
+that each function is given exactly these (plus Powertools' own settings).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from oneoff_audit.errors import OneoffAuditError
+from oneoff_audit.keys import DEFAULT_STAGING_PREFIX
+
+
+class ConfigError(OneoffAuditError):
+    """A required setting is missing or malformed."""
+
+
+def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = env.get(name, default)
+    if value is None or value == "":
+        raise ConfigError(f"environment variable {name} is required")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from err
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class AssemblerConfig:
+    """Settings of the assembler (files closed sessions)."""
+
+    bucket: str
+    kms_key_id: str
+    staging_prefix: str = DEFAULT_STAGING_PREFIX
+    signing_key_id: str | None = None
+    max_attempts: int = 5
+    ENV = ("AUDIT_BUCKET", "AUDIT_KMS_KEY_ID", "AUDIT_STAGING_PREFIX", "AUDIT_SIGNING_KEY_ID", "ASSEMBLE_MAX_ATTEMPTS")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AssemblerConfig:
+        env = os.environ if env is None else env
+        return cls(
+            bucket=_get(env, "AUDIT_BUCKET"),
+            kms_key_id=_get(env, "AUDIT_KMS_KEY_ID"),
+            staging_prefix=_get(env, "AUDIT_STAGING_PREFIX", DEFAULT_STAGING_PREFIX),
+            signing_key_id=env.get("AUDIT_SIGNING_KEY_ID") or None,
+            max_attempts=_int(env, "ASSEMBLE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+        )
+
+
+@dataclass(frozen=True)
+class SweeperConfig:
+    """Settings of the sweeper (enqueues abandoned sessions for assembly)."""
+
+    bucket: str
+    queue_url: str
+    staging_prefix: str = DEFAULT_STAGING_PREFIX
+    abandon_after: int = 3600
+    ENV = ("AUDIT_BUCKET", "ASSEMBLY_QUEUE_URL", "AUDIT_STAGING_PREFIX", "ABANDON_AFTER")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SweeperConfig:
+        env = os.environ if env is None else env
+        return cls(
+            bucket=_get(env, "AUDIT_BUCKET"),
+            queue_url=_get(env, "ASSEMBLY_QUEUE_URL"),
+            staging_prefix=_get(env, "AUDIT_STAGING_PREFIX", DEFAULT_STAGING_PREFIX),
+            abandon_after=_int(env, "ABANDON_AFTER", 3600, minimum=60),
+        )
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """Settings of the API (timeline, logs, access audit)."""
+
+    bucket: str
+    kms_key_id: str
+    staging_prefix: str = DEFAULT_STAGING_PREFIX
+    inline_max_bytes: int = 1 << 20
+    presign_ttl: int = 300
+    signing_key_id: str | None = None
+    ENV = ("AUDIT_BUCKET", "AUDIT_KMS_KEY_ID", "AUDIT_STAGING_PREFIX", "INLINE_MAX_BYTES", "PRESIGN_TTL",
+           "AUDIT_SIGNING_KEY_ID")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ApiConfig:
+        env = os.environ if env is None else env
+        return cls(
+            bucket=_get(env, "AUDIT_BUCKET"),
+            kms_key_id=_get(env, "AUDIT_KMS_KEY_ID"),
+            staging_prefix=_get(env, "AUDIT_STAGING_PREFIX", DEFAULT_STAGING_PREFIX),
+            inline_max_bytes=_int(env, "INLINE_MAX_BYTES", 1 << 20, minimum=0, maximum=6 << 20),
+            presign_ttl=min(_int(env, "PRESIGN_TTL", 300, minimum=1), 900),
+            signing_key_id=env.get("AUDIT_SIGNING_KEY_ID") or None,
+        )

@@ -1,0 +1,111 @@
+"""Encryption of audit logs with the AWS Encryption SDK under a KMS key.
+
+Suite ``AES_256_GCM_HKDF_SHA512_COMMIT_KEY`` (key commitment, no per-message signature: the
+KMS-signed manifest gives non-repudiation), 1 MiB frames, and the encryption context
+``{purpose: "oneoff-audit-log", app, session_id}``, which is checked on every decrypt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from functools import cache
+from typing import IO, Any
+
+import aws_encryption_sdk
+from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
+from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
+from botocore.exceptions import BotoCoreError, ClientError
+
+from oneoff_audit.aws import botocore_session
+from oneoff_audit.errors import DecryptionError, IntegrityError
+
+PURPOSE = "oneoff-audit-log"
+ALGORITHM = Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+FRAME_LENGTH = 1 << 20
+READ_SIZE = 1 << 20
+
+
+def encryption_context(app: str, session_id: str) -> dict[str, str]:
+    """The encryption context bound to one session's log."""
+    return {"purpose": PURPOSE, "app": app, "session_id": session_id}
+
+
+@cache
+def sdk_client() -> aws_encryption_sdk.EncryptionSDKClient:
+    """The SDK client, requiring key commitment on encrypt and decrypt."""
+    return aws_encryption_sdk.EncryptionSDKClient(commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT)
+
+
+def key_provider(key_id: str | None) -> Any:
+    """A strict KMS master key provider for ``key_id``; discovery mode when no key is given."""
+    session = botocore_session()
+    if key_id:
+        return aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[key_id], botocore_session=session)
+    return aws_encryption_sdk.DiscoveryAwsKmsMasterKeyProvider(botocore_session=session)
+
+
+@contextlib.contextmanager
+def encrypting_reader(source: IO[bytes], key_id: str, app: str, session_id: str) -> Iterator[Any]:
+    """A file-like object yielding the ciphertext of ``source`` as it is read (streaming)."""
+    with sdk_client().stream(
+        mode="e",
+        source=source,
+        key_provider=key_provider(key_id),
+        encryption_context=encryption_context(app, session_id),
+        algorithm=ALGORITHM,
+        frame_length=FRAME_LENGTH,
+    ) as encryptor:
+        yield encryptor
+
+
+def check_context(context: dict[str, str], app: str | None, session_id: str | None) -> None:
+    """Raise IntegrityError unless the message's encryption context names this app and session."""
+    if context.get("purpose") != PURPOSE:
+        raise IntegrityError(f"encryption context purpose is {context.get('purpose')!r}, not {PURPOSE!r}")
+    if app is not None and context.get("app") != app:
+        raise IntegrityError(f"log was encrypted for app {context.get('app')!r}, not {app!r}")
+    if session_id is not None and context.get("session_id") != session_id:
+        raise IntegrityError(f"log was encrypted for session {context.get('session_id')!r}, not {session_id!r}")
+
+
+def decrypt_bytes(ciphertext: bytes, key_id: str | None, app: str | None, session_id: str | None) -> bytes:
+    """Decrypt a whole (small) message and check its encryption context."""
+    try:
+        plaintext, header = sdk_client().decrypt(source=ciphertext, key_provider=key_provider(key_id))
+    except (AWSEncryptionSDKClientError, ClientError, BotoCoreError) as err:
+        raise DecryptionError(f"cannot decrypt: {err or type(err).__name__}") from err
+    check_context(dict(header.encryption_context), app, session_id)
+    return plaintext
+
+
+def decrypt_to_file(source: IO[bytes], dest: str, key_id: str | None, app: str | None = None,
+                    session_id: str | None = None) -> dict[str, str]:
+    """Stream-decrypt ``source`` into ``dest``; ``dest`` appears only if the message ended intact.
+
+    The SDK releases frames before it has authenticated the whole message, so plaintext goes to a
+    temporary file beside ``dest`` that is renamed into place only after the last frame verified
+    and the encryption context matched. Returns the encryption context.
+    """
+    directory = os.path.dirname(os.path.abspath(dest))
+    fd, tmp = tempfile.mkstemp(prefix=".oneoff-audit-", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with sdk_client().stream(mode="d", source=source, key_provider=key_provider(key_id)) as decryptor:
+                    context = dict(decryptor.header.encryption_context)
+                    check_context(context, app, session_id)
+                    for block in decryptor:
+                        out.write(block)
+            except (AWSEncryptionSDKClientError, ClientError, BotoCoreError) as err:
+                raise DecryptionError(f"cannot decrypt: {err or type(err).__name__}") from err
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+        return context
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
