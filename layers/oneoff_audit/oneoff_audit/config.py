@@ -106,3 +106,24 @@ class ApiConfig:
             presign_ttl=min(_int(env, "PRESIGN_TTL", 300, minimum=1), 900),
             signing_key_id=env.get("AUDIT_SIGNING_KEY_ID") or None,
         )
+
+
+@dataclass(frozen=True)
+class DigestConfig:
+    """Settings of the hourly digest function (signs the chain of manifests filed per hour)."""
+
+    bucket: str
+    signing_key_id: str
+    settle_seconds: int = 120
+    max_hours_per_run: int = 720
+    ENV = ("AUDIT_BUCKET", "AUDIT_SIGNING_KEY_ID", "DIGEST_SETTLE_SECONDS", "DIGEST_MAX_HOURS")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DigestConfig:
+        env = os.environ if env is None else env
+        return cls(
+            bucket=_get(env, "AUDIT_BUCKET"),
+            signing_key_id=_get(env, "AUDIT_SIGNING_KEY_ID"),
+            settle_seconds=_int(env, "DIGEST_SETTLE_SECONDS", 120, minimum=0, maximum=3000),
+            max_hours_per_run=_int(env, "DIGEST_MAX_HOURS", 720, minimum=1, maximum=100_000),
+        )
