@@ -29,6 +29,7 @@ os.environ.pop("AWS_ENDPOINT_URL", None)
 def moto_endpoint() -> Iterator[str]:
     """A moto server on 127.0.0.1 (real HTTP), shared by the session; sets AWS_ENDPOINT_URL."""
     from moto.server import ThreadedMotoServer
+
     from oneoff_audit.aws import reset_clients
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

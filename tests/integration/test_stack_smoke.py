@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from oneoff_audit.aws import client
 from oneoff_audit.crypto import ALGORITHM, decrypt_bytes, encryption_context, key_provider, sdk_client
 
