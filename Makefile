@@ -4,8 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The dashboard's terminal player, vendored from the npm registry (static/vendor/ is not committed).
+PLAYER   := asciinema-player@3
+STATIC   := layers/oneoff_audit/oneoff_audit/static
+VENDOR   := $(STATIC)/vendor
+PLAYER_STAMP := $(VENDOR)/.installed
 
-.PHONY: setup test lint unit integration demo bench clean
+.PHONY: setup player chromium test lint unit integration demo bench clean
 
 $(STAMP): pyproject.toml layers/oneoff_audit/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +18,22 @@ $(STAMP): pyproject.toml layers/oneoff_audit/requirements.txt
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) player chromium
+
+# asciinema-player's standalone bundle (IIFE + CSS) for the dashboard page.
+$(PLAYER_STAMP):
+	npm install --prefix build/npm --no-audit --no-fund --loglevel=error $(PLAYER)
+	mkdir -p $(VENDOR)
+	cp build/npm/node_modules/asciinema-player/dist/bundle/asciinema-player.min.js \
+	   build/npm/node_modules/asciinema-player/dist/bundle/asciinema-player.css \
+	   build/npm/node_modules/asciinema-player/LICENSE $(VENDOR)/
+	touch $(PLAYER_STAMP)
+
+player: $(PLAYER_STAMP)
+
+# Debian's Chromium for the dashboard's browser tests (Playwright drives /usr/bin/chromium).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 
 lint: setup
 	$(BIN)/ruff check .
@@ -37,4 +57,4 @@ bench: setup
 	$(BIN)/python bench/api.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .hypothesis
+	rm -rf $(VENV) build .pytest_cache .hypothesis $(VENDOR)
