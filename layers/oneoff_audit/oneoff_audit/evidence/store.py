@@ -1,0 +1,112 @@
+"""The few S3 operations evidence needs: write-once puts, exact reads, and existence checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from oneoff_audit.aws import client
+
+_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchVersion")
+
+
+def error_code(err: ClientError) -> str:
+    """The S3 error code of a ClientError (``PreconditionFailed``, ``NoSuchKey``, ``404``, ...)."""
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def is_missing(err: ClientError) -> bool:
+    """True if ``err`` says the object (or version) does not exist."""
+    return error_code(err) in _MISSING
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object version's bytes and the metadata evidence cares about."""
+
+    key: str
+    body: bytes
+    version_id: str | None
+    last_modified: datetime
+    metadata: dict[str, str]
+
+
+def put_if_absent(bucket: str, key: str, body: bytes, content_type: str = "application/json",
+                  metadata: dict[str, str] | None = None) -> tuple[bool, str | None]:
+    """PUT ``key`` only if no object is there (``If-None-Match: *``).
+
+    Returns ``(True, new version id)`` (``None`` on an unversioned bucket), or ``(False, None)`` if an
+    object is already there.
+    """
+    try:
+        resp = client("s3").put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
+                                       Metadata=metadata or {}, IfNoneMatch="*")
+    except ClientError as err:
+        if error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return False, None
+        raise
+    return True, resp.get("VersionId")
+
+
+def get(bucket: str, key: str, version_id: str | None = None, max_bytes: int = 64 << 20) -> StoredObject | None:
+    """The object's current (or given) version, or None if it does not exist."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if version_id:
+        kwargs["VersionId"] = version_id
+    try:
+        resp = client("s3").get_object(**kwargs)
+    except ClientError as err:
+        if is_missing(err):
+            return None
+        raise
+    body = resp["Body"]
+    try:
+        if resp.get("ContentLength", 0) > max_bytes:
+            raise ValueError(f"{key} is larger than {max_bytes} bytes")
+        data = body.read()
+    finally:
+        body.close()
+    return StoredObject(key, data, resp.get("VersionId"), resp["LastModified"], dict(resp.get("Metadata") or {}))
+
+
+def head(bucket: str, key: str, version_id: str | None = None) -> dict[str, Any] | None:
+    """HEAD of the current (or given) version, or None if it does not exist."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if version_id:
+        kwargs["VersionId"] = version_id
+    try:
+        return client("s3").head_object(**kwargs)
+    except ClientError as err:
+        if is_missing(err) or error_code(err) in ("405", "MethodNotAllowed"):  # 405: a delete marker
+            return None
+        raise
+
+
+def list_objects(bucket: str, prefix: str, start_after: str | None = None,
+                 delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every current object under ``prefix`` in key order (or common prefixes with ``delimiter``)."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    if start_after:
+        kwargs["StartAfter"] = start_after
+    if delimiter:
+        kwargs["Delimiter"] = delimiter
+    for page in client("s3").get_paginator("list_objects_v2").paginate(**kwargs):
+        if delimiter:
+            yield from page.get("CommonPrefixes", [])
+        else:
+            yield from page.get("Contents", [])
+
+
+def history(bucket: str, key: str) -> dict[str, list[dict[str, Any]]]:
+    """Every version and delete marker of exactly ``key`` (newest first)."""
+    versions: list[dict[str, Any]] = []
+    markers: list[dict[str, Any]] = []
+    paginator = client("s3").get_paginator("list_object_versions")
+    for page in paginator.paginate(Bucket=bucket, Prefix=key):
+        versions += [v for v in page.get("Versions", []) if v["Key"] == key]
+        markers += [m for m in page.get("DeleteMarkers", []) if m["Key"] == key]
+    return {"versions": versions, "delete_markers": markers}
