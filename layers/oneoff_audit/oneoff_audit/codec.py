@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from oneoff_audit.errors import FormatError
 
 Data = str | dict[str, str]
+
+_LOWEST_SECOND = {0xE0: 0xA0, 0xF0: 0x90}  # lowest valid second byte after these lead bytes
+_ESCAPED_RUN = re.compile("([\udc80-\udcff]+)")  # bytes that surrogateescape could not decode
 
 
 def _incomplete_tail(buf: bytes) -> int:
@@ -40,9 +44,13 @@ def _incomplete_tail(buf: bytes) -> int:
             return 0
         if back >= need:
             return 0
-        # Only hold back a prefix that is itself still valid (else it can never complete).
+        # Only hold back a prefix that is itself still valid (else it can never complete). A lone
+        # lead byte is completed with the lowest continuation byte it allows: E0 needs A0..BF and
+        # F0 needs 90..BF (80 would make them overlong, so padding with 80 would wrongly reject them).
+        pad_first = _LOWEST_SECOND.get(b, 0x80) if back == 1 else 0x80
+        pad = bytes([pad_first]) + b"\x80" * (need - back - 1)
         try:
-            (buf[n - back:] + b"\x80" * (need - back)).decode("utf-8")
+            (buf[n - back:] + pad).decode("utf-8")
         except UnicodeDecodeError:
             return 0
         return back
@@ -51,29 +59,22 @@ def _incomplete_tail(buf: bytes) -> int:
 
 def encode_bytes(data: bytes) -> list[Data]:
     """Split ``data`` into data values: maximal valid UTF-8 runs as str, invalid runs as base64."""
+    if not data:
+        return []
+    try:
+        return [data.decode("utf-8")]
+    except UnicodeDecodeError:
+        pass
+    # One linear pass: every byte that is not part of a valid character becomes a lone surrogate
+    # U+DC80..U+DCFF (valid UTF-8 never decodes to those), so the runs split apart unambiguously.
     out: list[Data] = []
-    pos = 0
-    n = len(data)
-    while pos < n:
-        try:
-            out.append(data[pos:].decode("utf-8"))
-            return out
-        except UnicodeDecodeError as err:
-            if err.start:
-                out.append(data[pos:pos + err.start].decode("utf-8"))
-            bad_start = pos + err.start
-            bad_end = pos + err.end
-            # Extend the invalid run over consecutive undecodable bytes.
-            while bad_end < n:
-                try:
-                    data[bad_end:bad_end + 4].decode("utf-8")
-                    break
-                except UnicodeDecodeError as nxt:
-                    if nxt.start != 0:
-                        break
-                    bad_end += nxt.end
-            out.append({"b64": base64.b64encode(data[bad_start:bad_end]).decode("ascii")})
-            pos = bad_end
+    for index, part in enumerate(_ESCAPED_RUN.split(data.decode("utf-8", "surrogateescape"))):
+        if not part:
+            continue
+        if index % 2:
+            out.append({"b64": base64.b64encode(part.encode("utf-8", "surrogateescape")).decode("ascii")})
+        else:
+            out.append(part)
     return out
 
 
