@@ -34,13 +34,18 @@ CLOSED = "closed.json"
 CHUNKS_DIR = "chunks/"
 MAX_SEQ = 99_999_999
 
-_CHUNK_NAME = re.compile(r"(\d{8})\.gz")
+_CHUNK_NAME = re.compile(r"([0-9]{8})\.gz")  # not \d: that also matches fullwidth and other digits
 
 
 def _prefix(prefix: str) -> str:
     if not prefix or not prefix.endswith("/") or prefix.startswith("/") or ".." in prefix:
         raise InvalidIdError("key prefix", prefix, "must be non-empty, relative and end with '/'")
     return prefix
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if usable as the staging prefix (relative, ends with '/', no '..'), else raise."""
+    return _prefix(prefix)
 
 
 def session_prefix(app: str, session_id: str, staging_prefix: str = DEFAULT_STAGING_PREFIX) -> str:
