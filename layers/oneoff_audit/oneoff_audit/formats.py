@@ -11,6 +11,8 @@ import gzip
 import hashlib
 import io
 import json
+import math
+import re
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -20,6 +22,7 @@ from typing import IO, Any
 
 import jsonschema
 from jsonschema import Draft202012Validator
+from jsonschema.validators import extend
 
 from oneoff_audit.codec import decode_data
 from oneoff_audit.errors import FormatError
@@ -48,14 +51,43 @@ def load_schema(name: str) -> dict[str, Any]:
 
 
 @cache
-def _validator(name: str) -> Draft202012Validator:
+def _ecma_regex(pattern: str) -> re.Pattern[str]:
+    """``pattern`` with the ECMA-262 meaning JSON Schema gives it, for the patterns our schemas use.
+
+    Python's ``re`` differs in two ways that matter for untrusted input: ``$`` also matches before a
+    final newline (``"app\\n"`` would pass ``^[a-z0-9]+$``), and ``\\d`` matches any Unicode digit
+    (fullwidth digits would pass as a resize). A trailing ``$`` becomes ``\\Z`` and classes are ASCII.
+    """
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + "\\Z"
+    return re.compile(pattern, re.ASCII)
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    if validator.is_type(instance, "string") and _ecma_regex(pattern).search(instance) is None:
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = extend(Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+@cache
+def _validator(name: str) -> Any:
     schema = load_schema(name)
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    return _Validator(schema)
 
 
 def _field_path(error: jsonschema.ValidationError) -> str:
-    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    parts = list(error.absolute_path)
+    # A missing or an unexpected property is named by the error, not by its path (which is the parent).
+    if error.validator == "required" and isinstance(error.instance, dict):
+        parts += [name for name in error.validator_value
+                  if name not in error.instance and error.message.startswith(f"{name!r} ")][:1]
+    elif error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        parts += sorted(name for name in error.instance if name not in known)[:1]
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
     return path.lstrip(".") or "(root)"
 
 
@@ -67,43 +99,70 @@ def validate(obj: Any, schema_name: str, where: str) -> Any:
     return obj
 
 
-def _depth_ok(raw: bytes) -> bool:
-    depth = 0
-    in_str = False
-    escaped = False
-    for byte in raw:
-        if in_str:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:
-                escaped = True
-            elif byte == 0x22:
-                in_str = False
-        elif byte == 0x22:
-            in_str = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            if depth > MAX_JSON_DEPTH:
-                return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return True
+def _too_deep(value: Any) -> bool:
+    """True if containers nest deeper than MAX_JSON_DEPTH (walks containers only, never string bytes)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, list | dict):
+                if depth + 1 > MAX_JSON_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def parse_json(raw: bytes, where: str, max_bytes: int = MAX_LINE_BYTES) -> Any:
     """Parse untrusted JSON with caps on size and nesting depth."""
     if len(raw) > max_bytes:
         raise FormatError(where, "", f"larger than {max_bytes} bytes")
-    if (raw.count(b"[") + raw.count(b"{")) > MAX_JSON_DEPTH and not _depth_ok(raw):
-        raise FormatError(where, "", f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise FormatError(where, "", f"not valid UTF-8 at byte {err.start}") from err
+    # Depth is measured on the parsed containers (cheap), not by scanning bytes in Python: terminal
+    # output is full of "[" inside strings. The C parser stops hostile nesting at the recursion limit.
+    too_deep = FormatError(where, "", f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text)
+        value = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise too_deep from None
     except ValueError as err:
         raise FormatError(where, "", f"invalid JSON: {err}") from err
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and isinstance(value, list | dict) and _too_deep(value):
+        raise too_deep
+    if b"\\ud" in raw or b"\\uD" in raw:  # only a \uDXXX escape can make a lone surrogate
+        _check_surrogates(value, where, [])
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_surrogates(value: Any, where: str, path: list[str | int]) -> None:
+    """Reject strings holding a lone surrogate (a ``\\udXXX`` escape JSON allows but UTF-8 cannot hold)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(root)"
+            raise FormatError(where, field, "string holds a lone surrogate (not valid Unicode)") from err
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_surrogates(item, where, [*path, index])
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_surrogates(key, where, [*path, "(key)"])
+            _check_surrogates(item, where, [*path, key])
 
 
 def dumps_line(obj: Any) -> bytes:
@@ -121,11 +180,14 @@ def format_time(ts: datetime) -> str:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_RFC3339_UTC = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?Z")
+
+
 def parse_time(value: str, where: str = "time", field: str = "") -> datetime:
     """Parse the RFC 3339 UTC form written by :func:`format_time` (fraction optional)."""
     try:
-        if not isinstance(value, str) or not value.endswith("Z"):
-            raise ValueError("must end with Z")
+        if not isinstance(value, str) or _RFC3339_UTC.fullmatch(value) is None:
+            raise ValueError("not YYYY-MM-DDTHH:MM:SS[.ffffff]Z")
         return datetime.fromisoformat(value[:-1]).replace(tzinfo=UTC)
     except ValueError as err:
         raise FormatError(where, field, f"not an RFC 3339 UTC time: {value!r}") from err
@@ -136,7 +198,7 @@ def check_event(event: Any, where: str) -> list[Any]:
     if not isinstance(event, list) or len(event) != 3:
         raise FormatError(where, "(root)", "an event is [t, stream, data]")
     t, stream, data = event
-    if isinstance(t, bool) or not isinstance(t, int | float) or t < 0:
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
         raise FormatError(where, "[0]", "t must be a number >= 0")
     if stream in BYTE_STREAMS:
         decode_data(data, where, "[2]")
@@ -226,11 +288,13 @@ def iter_log_lines(stream: IO[bytes], where: str = "log") -> Iterator[tuple[str,
     """
     number = 0
     pending_trailer = None
-    for raw in stream:
+    while raw := stream.readline(MAX_LINE_BYTES + 1):  # bounded: a line without newline cannot grow memory
         number += 1
         line_where = f"{where} line {number}"
         if pending_trailer is not None:
             raise FormatError(line_where, "", "data after the trailer")
+        if len(raw) > MAX_LINE_BYTES:
+            raise FormatError(line_where, "", f"larger than {MAX_LINE_BYTES} bytes")
         if not raw.endswith(b"\n"):
             raise FormatError(line_where, "", "not newline-terminated (truncated log?)")
         value = parse_json(raw[:-1], line_where)
