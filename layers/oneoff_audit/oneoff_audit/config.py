@@ -10,8 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from oneoff_audit.errors import OneoffAuditError
-from oneoff_audit.keys import DEFAULT_STAGING_PREFIX
+from oneoff_audit.errors import InvalidIdError, OneoffAuditError
+from oneoff_audit.keys import DEFAULT_STAGING_PREFIX, validate_prefix
 
 
 class ConfigError(OneoffAuditError):
@@ -19,10 +19,18 @@ class ConfigError(OneoffAuditError):
 
 
 def _get(env: Mapping[str, str], name: str, default: str | None = None) -> str:
-    value = env.get(name, default)
-    if value is None or value == "":
+    value = env.get(name) or default  # set-but-empty means "use the default", as for integers
+    if not value:
         raise ConfigError(f"environment variable {name} is required")
     return value
+
+
+def _staging_prefix(env: Mapping[str, str]) -> str:
+    value = _get(env, "AUDIT_STAGING_PREFIX", DEFAULT_STAGING_PREFIX)
+    try:
+        return validate_prefix(value)
+    except InvalidIdError as err:
+        raise ConfigError(f"AUDIT_STAGING_PREFIX {err.reason}, got {value!r}") from err
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
@@ -33,6 +41,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
         value = int(raw)
     except ValueError as err:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from err
+    if maximum is None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     if value < minimum or (maximum is not None and value > maximum):
         raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
     return value
@@ -55,7 +65,7 @@ class AssemblerConfig:
         return cls(
             bucket=_get(env, "AUDIT_BUCKET"),
             kms_key_id=_get(env, "AUDIT_KMS_KEY_ID"),
-            staging_prefix=_get(env, "AUDIT_STAGING_PREFIX", DEFAULT_STAGING_PREFIX),
+            staging_prefix=_staging_prefix(env),
             signing_key_id=env.get("AUDIT_SIGNING_KEY_ID") or None,
             max_attempts=_int(env, "ASSEMBLE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
         )
@@ -77,7 +87,7 @@ class SweeperConfig:
         return cls(
             bucket=_get(env, "AUDIT_BUCKET"),
             queue_url=_get(env, "ASSEMBLY_QUEUE_URL"),
-            staging_prefix=_get(env, "AUDIT_STAGING_PREFIX", DEFAULT_STAGING_PREFIX),
+            staging_prefix=_staging_prefix(env),
             abandon_after=_int(env, "ABANDON_AFTER", 3600, minimum=60),
         )
 
@@ -101,7 +111,7 @@ class ApiConfig:
         return cls(
             bucket=_get(env, "AUDIT_BUCKET"),
             kms_key_id=_get(env, "AUDIT_KMS_KEY_ID"),
-            staging_prefix=_get(env, "AUDIT_STAGING_PREFIX", DEFAULT_STAGING_PREFIX),
+            staging_prefix=_staging_prefix(env),
             inline_max_bytes=_int(env, "INLINE_MAX_BYTES", 1 << 20, minimum=0, maximum=6 << 20),
             presign_ttl=min(_int(env, "PRESIGN_TTL", 300, minimum=1), 900),
             signing_key_id=env.get("AUDIT_SIGNING_KEY_ID") or None,
