@@ -105,6 +105,17 @@ def access_prefix(app: str, session_id: str) -> str:
     return f"{ACCESS_PREFIX}{validate_app(app)}/{validate_session_id(session_id)}/"
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+ACCESS_NAME = re.compile(r"([0-9]{8}T[0-9]{6}\.[0-9]{6}Z)_([A-Za-z0-9-]{1,64})\.json")
+
+
+def access_key(app: str, session_id: str, at: datetime, request_id: str) -> str:
+    """Key of one access record: sorts by time; the request id keeps simultaneous views apart."""
+    if not isinstance(request_id, str) or _REQUEST_ID.fullmatch(request_id) is None:
+        raise InvalidIdError("request id", request_id, "allowed characters are A-Z a-z 0-9 -, at most 64")
+    return f"{access_prefix(app, session_id)}{compact_time(at)}_{request_id}.json"
+
+
 @dataclass(frozen=True)
 class StagingKey:
     """A parsed staging key: which session, and which object of it."""
