@@ -27,6 +27,22 @@ def client(service: str) -> Any:
     return boto3.session.Session().client(service, config=RETRY_CONFIG)
 
 
+# For callers that pace their own retries (the capture agent): one attempt per call, short connect
+# timeout, so an S3 outage is noticed in seconds and backoff/spooling stay under the caller's control.
+NO_RETRY_CONFIG = Config(
+    retries={"mode": "standard", "max_attempts": 1},
+    signature_version="s3v4",
+    connect_timeout=3,
+    read_timeout=30,
+)
+
+
+@cache
+def client_no_retry(service: str) -> Any:
+    """A cached boto3 client for ``service`` that makes exactly one attempt per call."""
+    return boto3.session.Session().client(service, config=NO_RETRY_CONFIG)
+
+
 @cache
 def botocore_session() -> botocore.session.Session:
     """A cached botocore session for the AWS Encryption SDK's KMS master key provider."""
@@ -36,4 +52,5 @@ def botocore_session() -> botocore.session.Session:
 def reset_clients() -> None:
     """Forget cached clients so the next call reads the environment again."""
     client.cache_clear()
+    client_no_retry.cache_clear()
     botocore_session.cache_clear()

@@ -137,3 +137,22 @@ class DigestConfig:
             settle_seconds=_int(env, "DIGEST_SETTLE_SECONDS", 120, minimum=0, maximum=3000),
             max_hours_per_run=_int(env, "DIGEST_MAX_HOURS", 720, minimum=1, maximum=100_000),
         )
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Settings of the capture agent (``oneoff-audit record`` / ``flush-spool``) on the runner."""
+
+    bucket: str
+    staging_prefix: str = DEFAULT_STAGING_PREFIX
+    spool_dir: str | None = None
+    ENV = ("AUDIT_BUCKET", "AUDIT_STAGING_PREFIX", "ONEOFF_AUDIT_SPOOL_DIR")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CaptureConfig:
+        env = os.environ if env is None else env
+        return cls(
+            bucket=_get(env, "AUDIT_BUCKET"),
+            staging_prefix=_staging_prefix(env),
+            spool_dir=env.get("ONEOFF_AUDIT_SPOOL_DIR") or None,
+        )
