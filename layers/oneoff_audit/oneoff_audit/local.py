@@ -10,6 +10,7 @@ sweeper and the digest function run on their schedules.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import importlib
 import importlib.util
@@ -31,6 +32,7 @@ from oneoff_audit.provision import Resources, provision
 
 DEFAULT_BUCKET = "oneoff-audit-local"
 FUNCTIONS_DIR = Path(__file__).resolve().parents[3] / "functions"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 Handler = Callable[[dict[str, Any], Any], Any]
 
 
@@ -61,6 +63,68 @@ def load_handler(name: str) -> Handler:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     return module.lambda_handler
+
+
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",
+}
+# The page loads only its own files; the player compiles its bundled WebAssembly and sets inline styles.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self' 'unsafe-inline'; "
+                 "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                 "form-action 'none'; frame-ancestors 'none'")
+
+
+def _static_error(status: int, message: str) -> dict[str, Any]:
+    return {"statusCode": status, "headers": {"Content-Type": "application/json"},
+            "body": json.dumps({"message": message})}
+
+
+def static_response(path: str, root: Path = STATIC_DIR) -> dict[str, Any]:
+    """A proxy response with the dashboard file for ``/`` or ``/static/<file>`` (404 outside ``root``)."""
+    if path in ("/", "/index.html"):
+        relative = "index.html"
+    elif path.startswith("/static/"):
+        relative = path[len("/static/"):]
+    else:
+        return _static_error(404, "not found")
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") or part.startswith(".") or "\\" in part or "\0" in part for part in parts):
+        return _static_error(404, "not found")
+    base = root.resolve()
+    file = base.joinpath(*parts).resolve()
+    if not file.is_relative_to(base) or not file.is_file() or file.suffix not in STATIC_TYPES:
+        return _static_error(404, "not found")
+    content_type = STATIC_TYPES[file.suffix]
+    headers = {"Content-Type": content_type, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer"}
+    if file.suffix == ".html":
+        headers["Content-Security-Policy"] = DASHBOARD_CSP
+    data = file.read_bytes()
+    if content_type.startswith(("text/", "application/json", "image/svg")):
+        return {"statusCode": 200, "headers": headers, "body": data.decode("utf-8"), "isBase64Encoded": False}
+    return {"statusCode": 200, "headers": headers, "body": base64.b64encode(data).decode("ascii"),
+            "isBase64Encoded": True}
+
+
+def with_dashboard(api_handler: Handler, root: Path = STATIC_DIR) -> Handler:
+    """Wrap the API handler so ``GET /`` and ``GET /static/...`` serve the dashboard's files."""
+
+    def handler(event: dict[str, Any], context: Any) -> Any:
+        method = event.get("httpMethod") or event.get("requestContext", {}).get("http", {}).get("method")
+        path = event.get("path") or event.get("rawPath") or ""
+        if method in ("GET", "HEAD") and (path in ("/", "/index.html") or path.startswith("/static/")):
+            return static_response(path, root)
+        return api_handler(event, context)
+
+    return handler
 
 
 def sqs_batch_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
@@ -166,6 +230,10 @@ class LocalStack:
     admin_token: str
     _stoppers: list[Callable[[], None]] = field(default_factory=list)
 
+    def dashboard_url(self, token: str | None = None) -> str:
+        """The dashboard's address, the token in the fragment (the browser never sends it to the server)."""
+        return f"{self.api_url}/#token={token or self.admin_token}"
+
     def env(self) -> dict[str, str]:
         """What a runner or an auditor needs to talk to this stack."""
         return {
@@ -223,7 +291,7 @@ def start(
 
     from oneoff_audit.api.httpbridge import serve
 
-    server = serve(load_handler("api"), "127.0.0.1", port, table)
+    server = serve(with_dashboard(load_handler("api")), "127.0.0.1", port, table)
     stoppers.append(server.shutdown)
     api_url = f"http://127.0.0.1:{server.server_address[1]}"
 
@@ -252,7 +320,7 @@ def _cmd_local(args: argparse.Namespace) -> int:
     print("oneoff-audit local is running. For a runner or an auditor:", flush=True)
     for line in lines:
         print(f"  export {line}", flush=True)
-    print(f"Dashboard: {stack.api_url}/   (Ctrl-C to stop)", flush=True)
+    print(f"Dashboard: {stack.dashboard_url()}   (Ctrl-C to stop)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
