@@ -125,7 +125,7 @@ def parse_json(raw: bytes, where: str, max_bytes: int = MAX_LINE_BYTES) -> Any:
     # output is full of "[" inside strings. The C parser stops hostile nesting at the recursion limit.
     too_deep = FormatError(where, "", f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+        value = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise too_deep from None
     except ValueError as err:
@@ -135,6 +135,18 @@ def parse_json(raw: bytes, where: str, max_bytes: int = MAX_LINE_BYTES) -> Any:
     if b"\\ud" in raw or b"\\uD" in raw:  # only a \uDXXX escape can make a lone surrogate
         _check_surrogates(value, where, [])
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Readers disagree on which of two equal keys wins; refuse to guess.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:100]!r}")
+            seen.add(key)
+    return obj
 
 
 def _finite_float(text: str) -> float:
