@@ -8,7 +8,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from test_evidence_support import _kms_digest_messages, put_log  # noqa: F401
+import test_evidence_support as support
 
 from oneoff_audit import formats, keys
 from oneoff_audit.aws import client
@@ -17,6 +17,10 @@ from oneoff_audit.evidence import signing
 from oneoff_audit.evidence.manifest import write_signed_manifest
 
 pytestmark = pytest.mark.integration
+
+s3_clock = support.s3_clock  # fixtures shared by the evidence tests
+_kms_digest_messages = support.kms_digest_messages
+file_session, put_log = support.file_session, support.put_log
 
 FILED = datetime(2026, 11, 25, 10, 15, 30, 123456, tzinfo=UTC)
 

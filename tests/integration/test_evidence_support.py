@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +41,8 @@ def s3_clock(monkeypatch: pytest.MonkeyPatch) -> S3Clock:
 
 
 @pytest.fixture(autouse=True)
-def _kms_digest_messages() -> None:
+def kms_digest_messages() -> None:
+    """Let moto sign KMS DIGEST messages as AWS does (documents over 4096 bytes)."""
     honour_kms_digest_messages()
 
 
@@ -77,4 +78,3 @@ def file_session(stack: Any, app: str, sid: str, filed_at: datetime, plaintext: 
     return filed
 
 
-__all__ = ["S3Clock", "encrypt_log", "file_session", "put_log", "replace", "s3_clock"]
