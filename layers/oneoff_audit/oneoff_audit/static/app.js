@@ -18,7 +18,7 @@
   var PAGE_SIZE = 50;
   var IDLE_LIMIT = 2;
   var PENDING_RETRY_MS = 3000;
-  var STATUSES = ["succeeded", "failed", "killed", "abandoned"];
+  var STATUSES = ["succeeded", "failed", "killed", "abandoned", "incomplete"];
 
   var $ = function (id) { return document.getElementById(id); };
   var state = {
@@ -384,7 +384,15 @@
       var sessions = (res.body && res.body.sessions) || [];
       var tbody = $("timeline-rows");
       sessions.forEach(function (s) { tbody.appendChild(timelineRow(r.app, s)); });
-      state.cursor = (res.body && res.body.next_cursor) || null;
+      state.cursor = (res.body && (res.body.cursor || res.body.next_cursor)) || null;
+      var skipped = (res.body && res.body.skipped) || [];
+      if (skipped.length) {
+        renderProblem($("timeline-problem"), { status: 500, body: { message: skipped.length +
+          " index entr" + (skipped.length === 1 ? "y" : "ies") + " could not be read and " +
+          (skipped.length === 1 ? "is" : "are") + " not listed: " +
+          skipped.map(function (k) { return k.key + " (" + k.reason + ")"; }).join("; ") } }, r)
+          .querySelector("h2").textContent = "Unreadable timeline entries";
+      }
       $("load-more").hidden = !state.cursor;
       $("timeline").hidden = !tbody.children.length;
       $("timeline-empty").hidden = !!tbody.children.length;
@@ -467,6 +475,7 @@
       clear($("session-problem"));
       rememberApp(r.app);
       var parts = sessionParts(res.body);
+      state.details = parts;
       renderMeta(r, parts);
       renderIntegrity(parts);
       $("session-body").hidden = false;
@@ -474,13 +483,18 @@
     });
   }
 
-  /** header / trailer / index entry out of the session answer, whichever shape it has. */
+  /** The session answer: {header, trailer (null when the log is too big to read whole), summary (the
+   *  timeline entry, null if missing), integrity, retention}. */
   function sessionParts(body) {
     body = body || {};
-    var header = body.header || body;
-    var trailer = body.trailer || {};
-    var entry = body.index || body.entry || body.summary || body;
-    return { header: header, trailer: trailer, entry: entry, body: body };
+    return {
+      header: body.header || {},
+      trailer: body.trailer || {},
+      entry: body.summary || {},
+      integrity: body.integrity || {},
+      retention: body.retention || null,
+      body: body,
+    };
   }
 
   function pick() {
@@ -527,43 +541,48 @@
   }
 
   function renderIntegrity(p) {
-    var t = p.trailer, e = p.entry, b = p.body;
-    var complete = pick(t.complete, e.complete);
-    var gaps = t.gaps || { missing: [], corrupt: [] };
+    var t = p.trailer, e = p.entry, g = p.integrity;
+    var complete = pick(g.complete, t.complete, e.complete);
+    var gaps = g.gaps || t.gaps || { missing: [], corrupt: [] };
+    var problems = g.problems || [];
     var summary = $("integrity-summary");
-    var chunks = pick(t.chunk_count, e.chunk_count);
-    var expected = pick(t.expected_chunk_count, e.expected_chunk_count);
-    if (complete === true) {
+    var chunks = t.chunk_count, expected = t.expected_chunk_count;
+    if (complete === true && !problems.length) {
       summary.className = "integrity ok";
       summary.textContent = "Complete: every chunk present, in order, hash chain intact" +
         (typeof chunks === "number" ? " (" + chunks + " chunk" + (chunks === 1 ? "" : "s") + ")." : ".");
-    } else if (complete === false) {
+    } else if (complete === false || problems.length) {
       summary.className = "integrity bad";
       var what = [];
       if ((gaps.missing || []).length) what.push("missing chunks " + gaps.missing.join(", "));
       if ((gaps.corrupt || []).length) {
         what.push("corrupt chunks " + gaps.corrupt.map(function (c) { return c.seq + " (" + c.reason + ")"; }).join(", "));
       }
-      if (expected === null || expected === undefined) what.push("no close marker (the runner never reported the end)");
-      summary.textContent = "Incomplete: " + (what.join("; ") || "see below") + ".";
+      if (complete === false && p.body.trailer && expected === null) what.push("no close marker: the runner never reported the end");
+      what = what.concat(problems);
+      summary.textContent = (complete === false ? "Incomplete: " : "Complete, but: ") + (what.join("; ") || "see below") + ".";
     } else {
       summary.className = "integrity";
-      summary.textContent = "No integrity summary in the answer.";
+      summary.textContent = "The API gave no integrity summary.";
     }
     var bytes = t.bytes || {};
-    var manifest = b.manifest || b.evidence || null;
+    var ret = p.retention;
     kv($("integrity"), [
       ["Chunks", typeof chunks === "number" ? chunks + (typeof expected === "number" ? " of " + expected + " expected" : " (expected: unknown)") : null],
-      ["Chain SHA-256", t.chain_sha256 ? el("code", { text: t.chain_sha256 }) : null],
-      ["Events", pick(t.event_count, e.event_count)],
+      ["Chain SHA-256", pick(g.chain_sha256, t.chain_sha256) ? el("code", { text: pick(g.chain_sha256, t.chain_sha256) }) : null],
+      ["Events", pick(g.event_count, t.event_count, e.event_count)],
       ["Bytes", bytes.i !== undefined ? "stdin " + bytes.i + " · stdout " + bytes.o + " · stderr " + bytes.e : null],
       ["Input withheld", t.withheld_input_bytes ? t.withheld_input_bytes + " bytes (typed with echo off)" : null],
       ["Bytes lost", t.lost_bytes ? t.lost_bytes + " bytes" : null],
-      ["Log size", typeof e.size === "number" ? fmtBytes(e.size) + " (" + e.size + " bytes, plaintext)" : null],
-      ["Log SHA-256", e.sha256 ? el("code", { text: e.sha256 }) : null],
+      ["Log (plaintext)", typeof g.plaintext_size === "number" ? fmtBytes(g.plaintext_size) + " (" + g.plaintext_size + " bytes)" : null],
+      ["Plaintext SHA-256", g.plaintext_sha256 ? el("code", { text: g.plaintext_sha256 }) : null],
+      ["Encrypted file", typeof g.ciphertext_size === "number" ? fmtBytes(g.ciphertext_size) + " (" + g.ciphertext_size + " bytes)" : null],
+      ["Encrypted SHA-256", g.ciphertext_sha256 ? el("code", { text: g.ciphertext_sha256 }) : null],
+      ["Signed manifest", g.manifest === true ? "present" : g.manifest === false ? "MISSING" : null],
+      ["Checked by the API", g.verified],
+      ["Retention", ret && ret.mode ? ret.mode.toLowerCase() + " until " + fmtTime(ret.retain_until) + " UTC" : ret ? "none" : null],
+      ["Legal hold", ret ? (ret.legal_hold ? "on" : "off") : null],
       ["Filed", pick(t.filed_at, e.filed_at) ? fmtTime(pick(t.filed_at, e.filed_at)) + " UTC" : null],
-      ["Manifest", manifest ? (manifest.signature_valid === true ? "signed, signature valid"
-        : manifest.signature_valid === false ? "signature INVALID" : "present") : null],
     ]);
   }
 
@@ -811,15 +830,15 @@
     link.setAttribute("download", file);
     link.removeAttribute("aria-disabled");
     link.textContent = "Download encrypted log (" + fmtBytes(d.size) + ")";
-    $("download-why").textContent = "This log is " + fmtBytes(d.size) +
-      (typeof d.size === "number" ? " (" + d.size + " bytes)" : "") +
-      ", more than the API returns inline, so it is offered as an encrypted file (" +
-      (d.encryption || "aws-encryption-sdk") + ") behind a signed link.";
+    var plainSize = state.details && state.details.integrity.plaintext_size;
+    $("download-why").textContent = "This log is " + (typeof plainSize === "number" ? fmtBytes(plainSize) + " " : "") +
+      "too big to show here: the API returns it as an encrypted file behind a signed link instead.";
     kv($("download-facts"), [
       ["File", el("code", { text: file })],
-      ["Size", typeof d.size === "number" ? d.size + " bytes" : null],
+      ["Size", typeof d.size === "number" ? d.size + " bytes (encrypted)" : null],
       ["SHA-256", d.sha256 ? el("code", { text: d.sha256 }) : null],
-      ["Encryption", d.encryption],
+      ["Encryption", d.encryption === "aws-encryption-sdk" ? "AWS Encryption SDK message (KMS key of the audit bucket)"
+        : d.encryption],
     ]);
     $("decrypt-command").textContent = decryptCommand(r, file);
     var renew = $("download-renew");
