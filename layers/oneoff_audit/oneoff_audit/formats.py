@@ -269,6 +269,8 @@ def _gunzip_capped(raw: bytes, where: str, cap: int) -> bytes:
 def read_chunk(raw: bytes, where: str, cap: int = MAX_CHUNK_DECOMPRESSED) -> tuple[dict[str, Any], list[list[Any]]]:
     """Decompress (capped) and validate a chunk: its header and every event line."""
     body = _gunzip_capped(raw, where, cap)
+    if not body:
+        raise FormatError(where, "", "empty chunk (no header line)")
     if not body.endswith(b"\n"):
         raise FormatError(where, "", "last line is not newline-terminated (truncated?)")
     lines = body[:-1].split(b"\n")
