@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from oneoff_audit.api.auth import Identity, identity_from_event, parse_apps, require_admin, require_app
 from oneoff_audit.errors import AccessDeniedError, UnauthorizedError
 

@@ -12,7 +12,6 @@ hash is reported, and matched against the signed manifest when one is given.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -62,19 +61,19 @@ class Report:
         }
 
 
-class _HashingLines:
-    """Iterate the lines of a binary file while hashing and counting every byte."""
+class _HashingReader:
+    """A binary reader that hashes and counts every byte read through it."""
 
     def __init__(self, src: IO[bytes], report: Report) -> None:
         self.src = src
         self.report = report
         self.digest = hashlib.sha256()
 
-    def __iter__(self) -> Iterator[bytes]:
-        for line in self.src:
-            self.digest.update(line)
-            self.report.size += len(line)
-            yield line
+    def readline(self, size: int = -1) -> bytes:
+        line = self.src.readline(size)
+        self.digest.update(line)
+        self.report.size += len(line)
+        return line
 
     def finish(self) -> None:
         for block in iter(lambda: self.src.read(READ_BLOCK), b""):  # whatever a parse error left unread
@@ -86,12 +85,12 @@ class _HashingLines:
 def verify_log(src: IO[bytes], expected: dict[str, Any] | None = None) -> Report:
     """Verify the plaintext log read from ``src``; ``expected`` is a manifest or ``{"plaintext_sha256": ...}``."""
     report = Report()
-    lines = _HashingLines(src, report)
+    lines = _HashingReader(src, report)
     withheld = lost = 0
     gap_seqs: set[int] = set()
     last_t = 0.0
     try:
-        for kind, value in formats.iter_log_lines(iter(lines)):  # type: ignore[arg-type]
+        for kind, value in formats.iter_log_lines(lines):  # type: ignore[arg-type]
             if kind == "header":
                 report.header = value
             elif kind == "trailer":

@@ -73,7 +73,8 @@ def single_params(single: Mapping[str, str] | None, multi: Mapping[str, list[str
     out: dict[str, str] = {}
     for key, items in values.items():
         if key not in allowed:
-            raise FormatError("query", key, f"unknown parameter (allowed: {', '.join(allowed)})")
+            hint = f"allowed: {', '.join(allowed)}" if allowed else "this route takes none"
+            raise FormatError("query", key, f"unknown parameter ({hint})")
         if len(items) != 1:
             raise FormatError("query", key, "given more than once")
         if len(items[0]) > MAX_PARAM_CHARS:
@@ -157,8 +158,8 @@ def parse_index_name(name: str) -> tuple[datetime, str]:
 def _window_time(prefix: str, bound: str) -> datetime:
     try:
         return datetime.strptime(bound[len(prefix):len(prefix) + 23], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC)
-    except ValueError:  # the open end: start from a day ahead (runner clocks may run fast)
-        return formats.utc_now() + timedelta(days=1)
+    except ValueError:  # the open end: the first window runs from now-window to the end (future keys too)
+        return formats.utc_now()
 
 
 def _time_bound(prefix: str, when: datetime) -> str:
