@@ -263,6 +263,9 @@ def test_decode_data_accepts_both_forms():
     ({"b64": "QQ==\n"}, "event: data.b64: not valid base64"),
     ({"b64": "QQ=="[:3] + "*"}, "event: data.b64: not valid base64"),
     ({"b64": "QQ==QQ=="}, "event: data.b64: not valid base64"),
+    ({"b64": "AAAA="}, "event: data.b64: not valid base64"),  # excess padding: b64decode alone accepts it
+    ({"b64": "AAAA=="}, "event: data.b64: not valid base64"),
+    ({"b64": "=="}, "event: data.b64: not valid base64"),
     ("\udc80", "event: data: string holds a lone surrogate (not valid UTF-8 text)"),
 ])
 def test_decode_data_rejects_with_exact_error(value, message):
