@@ -1,0 +1,1025 @@
+"""The assembler: turns a session's staging folder into one encrypted audit log, filed exactly once.
+
+Order of work for one session (each step idempotent, so any redelivery finishes a crashed run):
+
+1. **Already filed?** If ``logs/<app>/<session>.jsonl.enc`` exists, its :class:`FiledLog` is
+   recovered from the object's metadata (and its ciphertext hash from its bytes) and the run
+   goes straight to step 5.
+2. **Verify** (pass 1): read ``opened.json`` and ``closed.json``, then stream every chunk once:
+   SHA-256 against the close marker, gunzip with a size cap, header (session, seq, hash chain,
+   first event index), every event line. This fixes the exact plaintext of the log (its size,
+   SHA-256 and event counts) before anything is written. Missing or corrupt chunks raise
+   :class:`RetryLaterError` until the last attempt, then the log is filed with ``complete: false``.
+3. **Stream** (pass 2): the same chunks are read again (pinned to the same ETags and hashes) and
+   the log (header line, the chunks' event lines byte for byte, gap markers, trailer) goes through
+   the Encryption SDK straight into a multipart upload whose metadata carries the plaintext
+   summary; the upload is completed with ``If-None-Match: *``.
+4. **Evidence**: the signed manifest (when a signing key is configured).
+5. **Index** entry (``If-None-Match: *``), then **cleanup** of exactly the staged objects the log
+   covers (plain deletes: the bucket is versioned, so a deleted object stays as a noncurrent version).
+
+A missing chunk becomes ``[t, "m", {"kind": "gap", "seq": N, "reason": "missing"}]``. A corrupt one
+becomes a gap marker with the reason and its raw object bytes, base64, in ``gap-data`` markers:
+what exists is never dropped, and nothing unverified is passed off as an event.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from botocore.exceptions import ClientError
+
+from oneoff_audit import formats, keys
+from oneoff_audit.aws import client
+from oneoff_audit.codec import decode_data
+from oneoff_audit.config import AssemblerConfig
+from oneoff_audit.crypto import check_context, encrypting_reader, key_provider, sdk_client
+from oneoff_audit.errors import FormatError, IntegrityError, InvalidIdError, NotFoundError, RetryLaterError
+from oneoff_audit.ids import validate_app, validate_session_id
+from oneoff_audit.models import FiledLog
+from oneoff_audit.multipart import AlreadyExistsError, MultipartUpload, part_size_for
+from oneoff_audit.staging import (
+    ChunkReader,
+    S3ChunkReader,
+    StagedChunk,
+    StagedSession,
+    StagingChangedError,
+    error_code,
+    is_not_found,
+    list_session,
+    load_closed,
+    load_opened,
+)
+
+logger = Logger()
+metrics = Metrics()
+tracer = Tracer()
+
+SWEEP_MESSAGE = "sweep"
+GAP = "gap"
+GAP_DATA = "gap-data"
+MAX_CHUNK_OBJECT_BYTES = 256 << 20  # larger chunk objects are not read (nor preserved) at all
+RAW_PIECE = 384 << 10  # raw bytes per gap-data marker: 512 KiB of base64, well under a log line's cap
+OUT_PIECE = 1 << 20  # decompressed bytes per step
+DETAIL_MAX = 300
+META_MAX_BYTES = 1900  # S3 allows 2 KiB of user metadata
+LOG_CONTENT_TYPE = "application/octet-stream"
+ABANDONED_REASON = "no close marker: the runner stopped reporting before closing the session"
+
+# Why a chunk is a gap (the trailer's gaps.corrupt[].reason and the gap marker's "reason").
+MISSING = "missing"
+SHA256_MISMATCH = "sha256-mismatch"
+TOO_LARGE = "too-large"
+INVALID_GZIP = "invalid-gzip"
+GZIP_BOMB = "gzip-bomb"
+TRUNCATED = "truncated"
+INVALID_HEADER = "invalid-header"
+WRONG_SESSION = "wrong-session"
+WRONG_SEQ = "wrong-seq"
+BROKEN_CHAIN = "broken-chain"
+EVENT_INDEX = "event-index"
+OVERSIZED_LINE = "oversized-line"
+INVALID_JSON = "invalid-json"
+INVALID_EVENT = "invalid-event"
+UNEXPECTED_CHUNK = "unexpected-chunk"
+
+
+# ---------------------------------------------------------------- pass 1: verification
+
+
+@dataclass
+class Slot:
+    """One chunk position of the log: a verified chunk, or a gap (missing or corrupt)."""
+
+    seq: int
+    status: str  # "ok" | "missing" | "corrupt"
+    chunk: StagedChunk | None = None
+    sha256: str | None = None  # of the object bytes as read (None if not read)
+    reason: str | None = None
+    detail: str | None = None
+    t: float | int = 0  # time given to the gap markers: that of the last event before them
+
+    def gap_line(self) -> bytes:
+        """The gap marker that stands in for this slot in the log."""
+        data: dict[str, Any] = {"kind": GAP, "seq": self.seq, "reason": self.reason}
+        if self.status == "corrupt":
+            assert self.chunk is not None
+            data.update(detail=self.detail, size=self.chunk.size, sha256=self.sha256,
+                        preserved=self.chunk.size <= MAX_CHUNK_OBJECT_BYTES)
+        return formats.dumps_line([self.t, "m", data])
+
+
+@dataclass
+class Plan:
+    """The verified content of the log, fixed before it is written."""
+
+    app: str
+    session_id: str
+    opened: dict[str, Any]
+    closed: dict[str, Any] | None
+    header_line: bytes
+    slots: list[Slot]
+    trailer: dict[str, Any]
+    trailer_line: bytes
+    plaintext_sha256: str
+    plaintext_size: int
+
+    @property
+    def gaps(self) -> dict[str, Any]:
+        """The trailer's ``gaps``."""
+        return self.trailer["gaps"]
+
+    @property
+    def has_gaps(self) -> bool:
+        """True if any chunk is missing or corrupt."""
+        return bool(self.gaps["missing"] or self.gaps["corrupt"])
+
+    @property
+    def chunk_slots(self) -> int:
+        """Chunk positions 0..n-1 the log accounts for: the close marker's count, else the highest seq + 1."""
+        expected = self.trailer["expected_chunk_count"]
+        if expected is not None:
+            return int(expected)
+        return self.slots[-1].seq + 1 if self.slots else 0
+
+
+@dataclass
+class _Totals:
+    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(formats.STREAMS, 0))
+    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(formats.BYTE_STREAMS, 0))
+    agent_events: int = 0
+    withheld: int = 0
+    lost: int = 0
+    last_t: float | int = 0
+    last_agent_t: float | int | None = None
+
+    def add(self, other: _Totals) -> None:
+        for stream, count in other.events.items():
+            self.events[stream] += count
+        for stream, count in other.bytes.items():
+            self.bytes[stream] += count
+        self.agent_events += other.agent_events
+        self.withheld += other.withheld
+        self.lost += other.lost
+        if other.last_agent_t is not None:
+            self.last_t = other.last_t
+            self.last_agent_t = other.last_agent_t
+
+
+class _ChunkFailure(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail[:DETAIL_MAX]
+
+
+@dataclass
+class _ChunkCheck:
+    """Verification of one chunk object, fed its raw bytes piece by piece."""
+
+    app: str
+    session_id: str
+    seq: int
+    where: str
+    expected_prev: str | bool | None  # False: unknown (not checked)
+    expected_index: int | None
+    body_hash: Any
+    cap: int = formats.MAX_CHUNK_DECOMPRESSED
+    raw_hash: Any = field(default_factory=hashlib.sha256)
+    totals: _Totals = field(default_factory=_Totals)
+    first_index: int | None = None
+    body_size: int = 0
+    content_failure: _ChunkFailure | None = None  # a header or line is bad (decompression goes on)
+    stream_failure: _ChunkFailure | None = None  # the gzip stream is bad or too big (reading stops)
+    _decomp: Any = None
+    _head: bytearray | None = field(default_factory=bytearray)
+    _carry: bytes = b""
+    _out: int = 0
+    _line: int = 1
+
+    def __post_init__(self) -> None:
+        self._decomp = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+    @property
+    def failure(self) -> _ChunkFailure | None:
+        """Why the chunk is corrupt: a gzip bomb first (whatever else), else the first problem found."""
+        bomb = self.stream_failure
+        if bomb is not None and bomb.reason == GZIP_BOMB:
+            if self.content_failure is not None:
+                return _ChunkFailure(GZIP_BOMB, f"{bomb.detail}; first {self.content_failure.reason}: "
+                                                f"{self.content_failure.detail}")
+            return bomb
+        return self.content_failure or self.stream_failure
+
+    def feed(self, raw: bytes) -> None:
+        """Hash ``raw``; decompress it (capped) and check the text until something is wrong with it."""
+        self.raw_hash.update(raw)
+        if self.stream_failure is not None:
+            return
+        try:
+            data = raw
+            while data:
+                if self._decomp.eof:
+                    raise _ChunkFailure(INVALID_GZIP, "trailing data after the gzip stream")
+                try:
+                    out = self._decomp.decompress(data, OUT_PIECE)
+                except zlib.error as err:
+                    raise _ChunkFailure(INVALID_GZIP, f"not valid gzip: {err}") from None
+                data = self._decomp.unconsumed_tail
+                self._out += len(out)
+                if self._out > self.cap:
+                    raise _ChunkFailure(GZIP_BOMB, f"decompresses to more than {self.cap} bytes (gzip bomb)")
+                if out and self.content_failure is None:
+                    try:
+                        self._text(out)
+                    except _ChunkFailure as failure:
+                        self.content_failure = failure
+                if self._decomp.eof and self._decomp.unused_data:
+                    raise _ChunkFailure(INVALID_GZIP, "trailing data after the gzip stream")
+        except _ChunkFailure as failure:
+            self.stream_failure = failure
+
+    def finish(self) -> None:
+        """Called after the last piece: detect truncation."""
+        if self.failure is not None:
+            return
+        if not self._decomp.eof:
+            self.stream_failure = _ChunkFailure(TRUNCATED, "truncated gzip stream")
+        elif self._head is not None:
+            self.content_failure = _ChunkFailure(TRUNCATED, "no complete header line")
+        elif self._carry:
+            self.content_failure = _ChunkFailure(TRUNCATED, f"line {self._line + 1} is not newline-terminated")
+
+    def _text(self, out: bytes) -> None:
+        if self._head is not None:
+            self._head += out
+            newline = self._head.find(b"\n")
+            if newline < 0:
+                if len(self._head) > formats.MAX_LINE_BYTES:
+                    raise _ChunkFailure(OVERSIZED_LINE, f"line 1 is longer than {formats.MAX_LINE_BYTES} bytes")
+                return
+            head = bytes(self._head)
+            self._head = None
+            self._header(head[:newline])
+            out = head[newline + 1:]
+            if not out:
+                return
+        self.body_hash.update(out)
+        self.body_size += len(out)
+        lines = (self._carry + out).split(b"\n") if self._carry else out.split(b"\n")
+        self._carry = lines.pop()
+        if len(self._carry) > formats.MAX_LINE_BYTES:
+            raise _ChunkFailure(OVERSIZED_LINE, f"line {self._line + len(lines) + 1} is longer than "
+                                                f"{formats.MAX_LINE_BYTES} bytes")
+        for line in lines:
+            self._line += 1
+            self._event(line)
+
+    def _header(self, raw: bytes) -> None:
+        where = f"{self.where} header"
+        try:
+            header = formats.validate(formats.parse_json(raw, where), "chunk-header", where)
+        except FormatError as err:
+            raise _ChunkFailure(OVERSIZED_LINE if len(raw) > formats.MAX_LINE_BYTES else INVALID_HEADER,
+                                str(err)) from None
+        if header["app"] != self.app or header["session_id"] != self.session_id:
+            raise _ChunkFailure(WRONG_SESSION, f"header names {header['app']}/{header['session_id']}, "
+                                               f"not {self.app}/{self.session_id}")
+        if header["seq"] != self.seq:
+            raise _ChunkFailure(WRONG_SEQ, f"header says seq {header['seq']}, the key says {self.seq}")
+        prev = header["prev_chunk_sha256"]
+        if self.expected_prev is not False and prev != self.expected_prev:
+            raise _ChunkFailure(BROKEN_CHAIN, f"prev_chunk_sha256 is {prev}, expected {self.expected_prev}")
+        if self.expected_index is not None and header["first_event_index"] != self.expected_index:
+            raise _ChunkFailure(EVENT_INDEX, f"first_event_index is {header['first_event_index']}, "
+                                             f"expected {self.expected_index}")
+        self.first_index = header["first_event_index"]
+
+    def _event(self, raw: bytes) -> None:
+        if len(raw) > formats.MAX_LINE_BYTES:
+            raise _ChunkFailure(OVERSIZED_LINE, f"line {self._line} is longer than {formats.MAX_LINE_BYTES} bytes")
+        try:
+            event = formats.parse_json(raw, self.where)
+        except FormatError as err:
+            raise _ChunkFailure(INVALID_JSON, f"line {self._line}: {err.reason}") from None
+        try:
+            formats.check_event(event, self.where)
+        except FormatError as err:
+            raise _ChunkFailure(INVALID_EVENT, f"line {self._line}: {err.field}: {err.reason}") from None
+        t, stream, data = event
+        totals = self.totals
+        totals.events[stream] += 1
+        totals.agent_events += 1
+        totals.last_t = totals.last_agent_t = t
+        if stream in formats.BYTE_STREAMS:
+            totals.bytes[stream] += len(data.encode("utf-8")) if isinstance(data, str) else len(decode_data(data))
+        elif stream == "m":
+            amount = data.get("bytes")
+            if isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0:
+                if data["kind"] == "input-withheld":
+                    totals.withheld += amount
+                elif data["kind"] == "capture-gap":
+                    totals.lost += amount
+
+
+def _raw_pieces(reader: ChunkReader, chunk: StagedChunk) -> Iterator[bytes]:
+    """The chunk's raw bytes re-cut into RAW_PIECE blocks (deterministic gap-data boundaries)."""
+    buffer = bytearray()
+    for piece in reader.read_chunk(chunk):
+        buffer += piece
+        while len(buffer) >= RAW_PIECE:
+            yield bytes(buffer[:RAW_PIECE])
+            del buffer[:RAW_PIECE]
+    if buffer:
+        yield bytes(buffer)
+
+
+def _gap_data_lines(slot: Slot, reader: ChunkReader) -> Iterator[bytes]:
+    """The corrupt chunk's object bytes as gap-data markers; checks they are the bytes verified."""
+    assert slot.chunk is not None
+    if slot.chunk.size > MAX_CHUNK_OBJECT_BYTES:
+        return
+    digest = hashlib.sha256()
+    offset = 0
+    for piece in _raw_pieces(reader, slot.chunk):
+        digest.update(piece)
+        data = {"kind": GAP_DATA, "seq": slot.seq, "offset": offset,
+                "data": {"b64": base64.b64encode(piece).decode("ascii")}}
+        offset += len(piece)
+        yield formats.dumps_line([slot.t, "m", data])
+    if digest.hexdigest() != slot.sha256:
+        raise StagingChangedError(f"{slot.chunk.key} changed while being assembled")
+
+
+def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: dict[str, Any] | None,
+                   chunks: dict[int, StagedChunk], reader: ChunkReader, filed_at: str) -> Plan:
+    """Pass 1: verify every staged chunk and fix the log's exact content and summary."""
+    header_line = formats.dumps_line(formats.log_header_from_session(opened))
+    log_hash = hashlib.sha256(header_line)
+    size = len(header_line)
+    totals = _Totals()
+    expected = closed["chunk_count"] if closed is not None else None
+    digests: list[str] = closed["chunk_sha256"] if closed is not None else []
+    if expected is None:
+        seqs = list(range(max(chunks) + 1)) if chunks else []
+    else:
+        seqs = list(range(expected)) + sorted(seq for seq in chunks if seq >= expected)
+    slots: list[Slot] = []
+    index: int | None = 0
+    prev_actual: str | None = None  # hash of the previous slot's object, if it was read
+
+    def add_lines(lines: Iterator[bytes], counts: bool = True) -> None:
+        nonlocal size
+        for line in lines:
+            log_hash.update(line)
+            size += len(line)
+            if counts:
+                totals.events["m"] += 1
+
+    for seq in seqs:
+        chunk = chunks.get(seq)
+        where = f"chunk {seq}"
+        if chunk is None:
+            slot = Slot(seq, "missing", reason=MISSING, t=totals.last_t)
+            add_lines(iter([slot.gap_line()]))
+            slots.append(slot)
+            index = None
+            prev_actual = None
+            continue
+        if expected is not None and seq >= expected:
+            slot = Slot(seq, "corrupt", chunk, reason=UNEXPECTED_CHUNK,
+                        detail=f"the close marker lists {expected} chunks", t=totals.last_t)
+        elif chunk.size > MAX_CHUNK_OBJECT_BYTES:
+            slot = Slot(seq, "corrupt", chunk, reason=TOO_LARGE,
+                        detail=f"object is {chunk.size} bytes (limit {MAX_CHUNK_OBJECT_BYTES}); not read",
+                        t=totals.last_t)
+        else:
+            if seq == 0:
+                expected_prev: str | bool | None = None
+            elif closed is not None:
+                expected_prev = digests[seq - 1]
+            else:
+                expected_prev = prev_actual if prev_actual is not None else False
+            check = _ChunkCheck(app, session_id, seq, where, expected_prev, index, log_hash.copy())
+            for piece in reader.read_chunk(chunk):
+                check.feed(piece)
+            check.finish()
+            actual = check.raw_hash.hexdigest()
+            failure = check.failure
+            if closed is not None and actual != digests[seq]:
+                detail = f"object sha256 {actual}, close marker says {digests[seq]}"
+                if failure is not None:
+                    detail += f"; also {failure.reason}: {failure.detail}"
+                failure = _ChunkFailure(SHA256_MISMATCH, detail)
+            if failure is None:
+                slot = Slot(seq, "ok", chunk, actual)
+                log_hash = check.body_hash
+                size += check.body_size
+                totals.add(check.totals)
+                assert check.first_index is not None
+                index = check.first_index + check.totals.agent_events
+            else:
+                slot = Slot(seq, "corrupt", chunk, actual, failure.reason, failure.detail, totals.last_t)
+            prev_actual = actual
+        if slot.status == "corrupt":
+            logger.warning("chunk is corrupt", extra={"seq": seq, "reason": slot.reason, "detail": slot.detail,
+                                                      "key": chunk.key})
+            add_lines(iter([slot.gap_line()]))
+            if chunk.size <= MAX_CHUNK_OBJECT_BYTES:
+                if slot.sha256 is None:
+                    slot.sha256 = _object_sha256(reader, chunk)
+                add_lines(_gap_data_lines(slot, reader))
+            index = None
+            if slot.reason in (TOO_LARGE, UNEXPECTED_CHUNK):
+                prev_actual = None
+        slots.append(slot)
+
+    missing = [s.seq for s in slots if s.status == "missing"]
+    corrupt = [{"seq": s.seq, "reason": s.reason} for s in slots if s.status == "corrupt"]
+    if missing:
+        logger.warning("chunks missing", extra={"missing": missing[:100], "missing_count": len(missing)})
+    last = slots[-1] if slots else None
+    chain = last.sha256 if last is not None and last.status == "ok" else None
+    started = formats.parse_time(opened["started_at"])
+    if closed is not None:
+        duration: float | int | None = max(0.0, round((formats.parse_time(closed["ended_at"]) - started)
+                                                      .total_seconds(), 6))
+        withheld, lost = closed["withheld_input_bytes"], closed["lost_bytes"]
+    else:
+        duration = totals.last_agent_t
+        withheld, lost = totals.withheld, totals.lost
+    if closed is not None and (totals.agent_events != closed["event_count"] or totals.bytes != closed["bytes"]) \
+            and not (missing or corrupt):
+        logger.warning("close marker totals differ from the chunks", extra={
+            "marker_events": closed["event_count"], "events": totals.agent_events,
+            "marker_bytes": closed["bytes"], "bytes": totals.bytes})
+    trailer = {
+        "type": "trailer",
+        "session_id": session_id,
+        "app": app,
+        "ended_at": closed["ended_at"] if closed is not None else None,
+        "exit": dict(closed["exit"]) if closed is not None else {"code": None, "signal": None},
+        "status": closed["status"] if closed is not None else "abandoned",
+        "reason": closed["reason"] if closed is not None else ABANDONED_REASON,
+        "duration": duration,
+        "bytes": dict(totals.bytes),
+        "events": dict(totals.events),
+        "event_count": sum(totals.events.values()),
+        "chunk_count": sum(1 for s in slots if s.chunk is not None),
+        "expected_chunk_count": expected,
+        "chain_sha256": chain,
+        "complete": closed is not None and not missing and not corrupt,
+        "gaps": {"missing": missing, "corrupt": corrupt},
+        "withheld_input_bytes": withheld,
+        "lost_bytes": lost,
+        "filed_at": filed_at,
+    }
+    formats.validate(trailer, "log-trailer", "log trailer")
+    trailer_line = formats.dumps_line(trailer)
+    log_hash.update(trailer_line)
+    size += len(trailer_line)
+    return Plan(app, session_id, opened, closed, header_line, slots, trailer, trailer_line,
+                log_hash.hexdigest(), size)
+
+
+def _object_sha256(reader: ChunkReader, chunk: StagedChunk) -> str:
+    digest = hashlib.sha256()
+    for piece in reader.read_chunk(chunk):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- pass 2: the log's bytes
+
+
+def _chunk_body(slot: Slot, reader: ChunkReader) -> Iterator[bytes]:
+    """The verified chunk's event lines, byte for byte (its decompressed bytes after line 1)."""
+    assert slot.chunk is not None
+    digest = hashlib.sha256()
+    decomp = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    head: bytearray | None = bytearray()
+    produced = 0
+    for raw in reader.read_chunk(slot.chunk):
+        digest.update(raw)
+        data = raw
+        while data:
+            try:
+                out = decomp.decompress(data, OUT_PIECE)
+            except zlib.error as err:
+                raise StagingChangedError(f"{slot.chunk.key} no longer decompresses") from err
+            data = decomp.unconsumed_tail
+            produced += len(out)
+            if produced > formats.MAX_CHUNK_DECOMPRESSED:
+                raise StagingChangedError(f"{slot.chunk.key} grew while being assembled")
+            if head is not None:
+                head += out
+                newline = head.find(b"\n")
+                if newline < 0:
+                    continue
+                out = bytes(head[newline + 1:])
+                head = None
+            if out:
+                yield out
+    if digest.hexdigest() != slot.sha256 or not decomp.eof:
+        raise StagingChangedError(f"{slot.chunk.key} changed while being assembled")
+
+
+def render_log(plan: Plan, reader: ChunkReader) -> Iterator[bytes]:
+    """Pass 2: the plaintext log in pieces, exactly the bytes whose hash pass 1 computed."""
+    yield plan.header_line
+    for slot in plan.slots:
+        if slot.status == "ok":
+            yield from _chunk_body(slot, reader)
+            continue
+        yield slot.gap_line()
+        if slot.status == "corrupt":
+            yield from _gap_data_lines(slot, reader)
+    yield plan.trailer_line
+
+
+class _PieceReader(io.RawIOBase):
+    """A readable file over an iterator of byte pieces, hashing what is read."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        super().__init__()
+        self._pieces = pieces
+        self._buffer = bytearray()
+        self._eof = False
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        want = size if size is not None and size >= 0 else 1 << 62
+        while len(self._buffer) < want and not self._eof:
+            try:
+                self._buffer += next(self._pieces)
+            except StopIteration:
+                self._eof = True
+        out = bytes(self._buffer[:want])
+        del self._buffer[:want]
+        self.sha256.update(out)
+        self.size += len(out)
+        return out
+
+
+# ---------------------------------------------------------------- object metadata
+
+
+def _ranges(seqs: list[int]) -> str:
+    parts: list[str] = []
+    for seq in seqs:
+        if parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == seq - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{seq}"
+        elif parts and "-" not in parts[-1] and int(parts[-1]) == seq - 1:
+            parts[-1] = f"{parts[-1]}-{seq}"
+        else:
+            parts.append(str(seq))
+    return ",".join(parts)
+
+
+def _unranges(text: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        out.extend(range(int(first), int(last or first) + 1))
+    return out
+
+
+def _opt(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _unopt(text: str, kind: Callable[[str], Any] = str) -> Any:
+    return None if text == "-" else kind(text)
+
+
+def _counts(values: dict[str, int]) -> str:
+    return ",".join(f"{k}:{v}" for k, v in values.items())
+
+
+def _uncounts(text: str) -> dict[str, int]:
+    return {k: int(v) for k, _, v in (item.partition(":") for item in text.split(","))}
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if text.lstrip("-").isdigit() else value
+
+
+def log_metadata(plan: Plan) -> dict[str, str]:
+    """The log object's user metadata: the plaintext summary a recovering run rebuilds FiledLog from."""
+    t = plan.trailer
+    exit_ = t["exit"]
+    meta = {
+        "format": "oneoff-audit.log/1",
+        "app": plan.app,
+        "session-id": plan.session_id,
+        "started-at": plan.opened["started_at"],
+        "ended-at": _opt(t["ended_at"]),
+        "filed-at": t["filed_at"],
+        "status": t["status"],
+        "complete": "true" if t["complete"] else "false",
+        "duration": _opt(t["duration"]),
+        "exit": f"{_opt(exit_['code'])},{_opt(exit_['signal'])}",
+        "plaintext-size": str(plan.plaintext_size),
+        "plaintext-sha256": plan.plaintext_sha256,
+        "chain-sha256": _opt(t["chain_sha256"]),
+        "event-count": str(t["event_count"]),
+        "events": _counts(t["events"]),
+        "bytes": _counts(t["bytes"]),
+        "chunk-count": str(t["chunk_count"]),
+        "expected-chunk-count": _opt(t["expected_chunk_count"]),
+        "chunk-slots": str(plan.chunk_slots),
+        "close-marker": "true" if plan.closed is not None else "false",
+        "gaps-missing": _ranges(t["gaps"]["missing"]),
+        "gaps-corrupt": ",".join(f"{g['seq']}:{g['reason']}" for g in t["gaps"]["corrupt"]),
+    }
+    if _meta_size(meta) > META_MAX_BYTES:
+        meta["gaps-missing"] = meta["gaps-corrupt"] = "see-trailer"
+    return meta
+
+
+def _meta_size(meta: dict[str, str]) -> int:
+    return sum(len(k) + len(v) for k, v in meta.items())
+
+
+@dataclass(frozen=True)
+class LogSummary:
+    """A filed log as recorded in its metadata: FiledLog plus what the index entry needs."""
+
+    filed: FiledLog
+    duration: float | int | None
+    exit: dict[str, int | None]
+    chunk_slots: int
+    close_marker: bool
+
+    def covered_chunks(self) -> set[int]:
+        """Sequence numbers of the staged chunks whose bytes the log holds (as events or gap-data)."""
+        gaps = self.filed.gaps
+        covered = set(range(self.chunk_slots)) - set(gaps["missing"])
+        return covered | {g["seq"] for g in gaps["corrupt"]}
+
+
+def _summary_from_plan(plan: Plan, log_key: str, version_id: str | None, ct_sha: str, ct_size: int) -> LogSummary:
+    t = plan.trailer
+    filed = FiledLog(
+        app=plan.app, session_id=plan.session_id, log_key=log_key, log_version_id=version_id,
+        ciphertext_sha256=ct_sha, ciphertext_size=ct_size, plaintext_sha256=plan.plaintext_sha256,
+        plaintext_size=plan.plaintext_size, chain_sha256=t["chain_sha256"], event_count=t["event_count"],
+        bytes=dict(t["bytes"]), started_at=plan.opened["started_at"], ended_at=t["ended_at"],
+        filed_at=t["filed_at"], status=t["status"], complete=t["complete"],
+        gaps={"missing": list(t["gaps"]["missing"]), "corrupt": [dict(g) for g in t["gaps"]["corrupt"]]},
+    )
+    return LogSummary(filed, t["duration"], dict(t["exit"]), plan.chunk_slots, plan.closed is not None)
+
+
+def _summary_from_head(config: AssemblerConfig, app: str, session_id: str, log_key: str,
+                       head: dict[str, Any]) -> LogSummary:
+    """Rebuild the summary of a log filed earlier (possibly by a run that crashed or lost a race)."""
+    meta = head.get("Metadata", {})
+    version_id = head.get("VersionId")
+    if version_id in (None, "null"):
+        version_id = None
+    try:
+        if meta.get("format") != "oneoff-audit.log/1" or meta["app"] != app or meta["session-id"] != session_id:
+            raise KeyError("format/app/session-id")
+        if meta["gaps-missing"] == "see-trailer":
+            gaps = _read_trailer(config, log_key, version_id, app, session_id)["gaps"]
+        else:
+            corrupt = [{"seq": int(s), "reason": r} for s, _, r in
+                       (item.partition(":") for item in filter(None, meta["gaps-corrupt"].split(",")))]
+            gaps = {"missing": _unranges(meta["gaps-missing"]), "corrupt": corrupt}
+        code, _, signal = meta["exit"].partition(",")
+        filed = FiledLog(
+            app=app, session_id=session_id, log_key=log_key, log_version_id=version_id,
+            ciphertext_sha256=_stored_sha256(config.bucket, log_key, version_id),
+            ciphertext_size=int(head["ContentLength"]),
+            plaintext_sha256=meta["plaintext-sha256"], plaintext_size=int(meta["plaintext-size"]),
+            chain_sha256=_unopt(meta["chain-sha256"]), event_count=int(meta["event-count"]),
+            bytes=_uncounts(meta["bytes"]), started_at=meta["started-at"], ended_at=_unopt(meta["ended-at"]),
+            filed_at=meta["filed-at"], status=meta["status"], complete=meta["complete"] == "true", gaps=gaps,
+        )
+        return LogSummary(filed, _unopt(meta["duration"], _number),
+                          {"code": _unopt(code, int), "signal": _unopt(signal, int)},
+                          int(meta["chunk-slots"]), meta["close-marker"] == "true")
+    except (KeyError, ValueError) as err:
+        raise IntegrityError(f"{log_key}: object metadata is not an oneoff-audit log summary ({err})") from err
+
+
+def _stored_sha256(bucket: str, key: str, version_id: str | None) -> str:
+    """SHA-256 of a stored object's bytes, streamed."""
+    request: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if version_id:
+        request["VersionId"] = version_id
+    body = client("s3").get_object(**request)["Body"]
+    digest = hashlib.sha256()
+    try:
+        for piece in body.iter_chunks(1 << 20):
+            digest.update(piece)
+    finally:
+        body.close()
+    return digest.hexdigest()
+
+
+def _read_trailer(config: AssemblerConfig, key: str, version_id: str | None, app: str,
+                  session_id: str) -> dict[str, Any]:
+    """The trailer of a filed log, by decrypting it (streaming; only when metadata could not hold the gaps)."""
+    request: dict[str, Any] = {"Bucket": config.bucket, "Key": key}
+    if version_id:
+        request["VersionId"] = version_id
+    body = client("s3").get_object(**request)["Body"]
+    last = b""  # from the start of the last line seen so far
+    with sdk_client().stream(mode="d", source=body, key_provider=key_provider(config.kms_key_id)) as decryptor:
+        check_context(dict(decryptor.header.encryption_context), app, session_id)
+        while block := decryptor.read(1 << 20):
+            last += block
+            cut = last.rfind(b"\n", 0, len(last) - 1)
+            if cut >= 0:
+                last = last[cut + 1:]
+    return formats.validate(formats.parse_json(last.rstrip(b"\n"), f"{key} trailer"), "log-trailer",
+                            f"{key} trailer")
+
+
+# ---------------------------------------------------------------- S3 steps
+
+
+def _head(bucket: str, key: str) -> dict[str, Any] | None:
+    try:
+        return client("s3").head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if is_not_found(err):
+            return None
+        raise
+
+
+def _upload(config: AssemblerConfig, plan: Plan, reader: ChunkReader, log_key: str) -> LogSummary:
+    """Pass 2 into a multipart upload completed with If-None-Match; AlreadyExistsError if we lost."""
+    part_size = part_size_for(plan.plaintext_size + plan.plaintext_size // 1000 + (1 << 20))
+    source = _PieceReader(render_log(plan, reader))
+    with MultipartUpload(config.bucket, log_key, metadata=log_metadata(plan), content_type=LOG_CONTENT_TYPE,
+                         part_size=part_size) as upload:
+        with encrypting_reader(source, config.kms_key_id, plan.app, plan.session_id) as encryptor:
+            while data := encryptor.read(part_size):
+                upload.write(data)
+        if source.sha256.hexdigest() != plan.plaintext_sha256 or source.size != plan.plaintext_size:
+            raise StagingChangedError("the log's bytes differ from the verified plan; staging changed")
+        response = upload.complete()
+    return _summary_from_plan(plan, log_key, response.get("VersionId"), upload.sha256.hexdigest(), upload.size)
+
+
+def index_entry(opened: dict[str, Any], summary: LogSummary) -> dict[str, Any]:
+    """The timeline entry of a filed log, validated against ``index-entry.schema.json``."""
+    filed = summary.filed
+    entry = {
+        "format": "oneoff-audit.index",
+        "version": 1,
+        "session_id": filed.session_id,
+        "app": filed.app,
+        "actor": opened["actor"],
+        "command": opened["command"],
+        "target": opened["target"],
+        "started_at": filed.started_at,
+        "ended_at": filed.ended_at,
+        "duration": summary.duration,
+        "exit": summary.exit,
+        "status": filed.status,
+        "complete": filed.complete,
+        "size": filed.plaintext_size,
+        "sha256": filed.plaintext_sha256,
+        "ciphertext_size": filed.ciphertext_size,
+        "log_key": filed.log_key,
+        "log_version_id": filed.log_version_id,
+        "event_count": filed.event_count,
+        "filed_at": filed.filed_at,
+    }
+    return formats.validate(entry, "index-entry", f"index entry of {filed.app}/{filed.session_id}")
+
+
+def _write_index(config: AssemblerConfig, summary: LogSummary, opened: dict[str, Any] | None) -> bool:
+    """Write the index entry once; True if this call created it."""
+    filed = summary.filed
+    key = keys.index_key(filed.app, filed.session_id, formats.parse_time(filed.started_at))
+    if _head(config.bucket, key) is not None:
+        return False
+    if opened is None:
+        raise IntegrityError(f"{key} is missing and opened.json is gone: cannot rebuild the index entry")
+    body = formats.dumps_line(index_entry(opened, summary))
+    try:
+        client("s3").put_object(Bucket=config.bucket, Key=key, Body=body, ContentType="application/json",
+                                IfNoneMatch="*")
+    except ClientError as err:
+        if error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
+
+
+def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
+    """Delete the staged objects the log covers: chunks, then closed.json, then opened.json."""
+    filed = summary.filed
+    staged = list_session(config.bucket, filed.app, filed.session_id, config.staging_prefix)
+    covered = summary.covered_chunks()
+    chunk_keys = [c.key for seq, c in sorted(staged.chunks.items()) if seq in covered]
+    left = [c.key for seq, c in sorted(staged.chunks.items()) if seq not in covered] + staged.other_keys
+    batches = [chunk_keys[i:i + 1000] for i in range(0, len(chunk_keys), 1000)]
+    if staged.closed_key is not None:
+        if summary.close_marker:
+            batches.append([staged.closed_key])
+        else:
+            left.append(staged.closed_key)
+    if staged.opened_key is not None:
+        batches.append([staged.opened_key])
+    if left:
+        logger.error("staged objects not covered by the filed log are left in staging",
+                     extra={"keys": left[:50], "count": len(left)})
+    deleted = 0
+    s3 = client("s3")
+    for batch in batches:
+        response = s3.delete_objects(Bucket=config.bucket,
+                                     Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        if response.get("Errors"):
+            raise RetryLaterError(f"could not delete staged objects: {response['Errors'][:3]}")
+        deleted += len(batch)
+    return deleted
+
+
+def _write_manifest(config: AssemblerConfig, filed: FiledLog) -> None:
+    if not config.signing_key_id:
+        return
+    from oneoff_audit.evidence.manifest import write_signed_manifest
+
+    write_signed_manifest(filed, config.bucket, config.signing_key_id)
+
+
+def _finish(config: AssemblerConfig, summary: LogSummary, opened: dict[str, Any] | None) -> None:
+    _write_manifest(config, summary.filed)
+    if _write_index(config, summary, opened):
+        logger.info("index entry written")
+    deleted = _cleanup(config, summary)
+    logger.info("staging cleaned up", extra={"deleted": deleted})
+
+
+def _finish_existing(config: AssemblerConfig, app: str, session_id: str, log_key: str,
+                     head: dict[str, Any]) -> FiledLog:
+    summary = _summary_from_head(config, app, session_id, log_key, head)
+    opened: dict[str, Any] | None = None
+    index = keys.index_key(app, session_id, formats.parse_time(summary.filed.started_at))
+    if _head(config.bucket, index) is None:
+        session = list_session(config.bucket, app, session_id, config.staging_prefix)
+        opened = load_opened(config.bucket, session)
+    logger.info("log already filed; finishing evidence, index and cleanup",
+                extra={"log_version_id": summary.filed.log_version_id})
+    _finish(config, summary, opened)
+    metrics.add_metric(name="FilingsResumed", unit=MetricUnit.Count, value=1)
+    return summary.filed
+
+
+# ---------------------------------------------------------------- entry points
+
+
+@tracer.capture_method
+def assemble_session(config: AssemblerConfig, app: str, session_id: str, *, attempt: int = 1,
+                     abandoned: bool = False) -> FiledLog:
+    """File one session's log exactly once (or finish filing it), then index it and clean staging.
+
+    Raises RetryLaterError while chunks are missing or corrupt and ``attempt < config.max_attempts``;
+    at the last attempt (or for an abandoned session, which has no close marker) the log is filed
+    with ``complete: false`` and the exact gaps.
+    """
+    validate_app(app)
+    validate_session_id(session_id)
+    logger.thread_safe_append_keys(app=app, session_id=session_id)
+    try:
+        return _assemble(config, app, session_id, attempt, abandoned)
+    finally:
+        logger.thread_safe_remove_keys(["app", "session_id"])
+
+
+def _assemble(config: AssemblerConfig, app: str, session_id: str, attempt: int, abandoned: bool) -> FiledLog:
+    started = time.monotonic()
+    log_key = keys.log_key(app, session_id)
+    head = _head(config.bucket, log_key)
+    if head is not None:
+        return _finish_existing(config, app, session_id, log_key, head)
+    reader = S3ChunkReader(config.bucket)
+    try:
+        opened, closed, plan = _verify(config, app, session_id, reader, abandoned)
+    except (NotFoundError, StagingChangedError):
+        head = _head(config.bucket, log_key)  # a concurrent run may have filed it and cleaned up
+        if head is not None:
+            return _finish_existing(config, app, session_id, log_key, head)
+        raise
+    if plan.has_gaps and closed is not None and attempt < config.max_attempts:
+        logger.warning("chunks missing or corrupt: retrying later", extra={
+            "attempt": attempt, "max_attempts": config.max_attempts, "gaps": _short_gaps(plan.gaps)})
+        raise RetryLaterError(f"{app}/{session_id}: gaps {_short_gaps(plan.gaps)} "
+                              f"(attempt {attempt} of {config.max_attempts})")
+    try:
+        summary = _upload(config, plan, reader, log_key)
+    except (AlreadyExistsError, StagingChangedError) as err:
+        head = _head(config.bucket, log_key)
+        if head is None:
+            if isinstance(err, StagingChangedError):
+                raise
+            raise RetryLaterError(f"{log_key}: completion conflicted but the log is not there") from None
+        logger.info("another run filed this log first")
+        return _finish_existing(config, app, session_id, log_key, head)
+    filed = summary.filed
+    logger.info("log filed", extra={
+        "log_key": log_key, "log_version_id": filed.log_version_id, "complete": filed.complete,
+        "status": filed.status, "gaps": _short_gaps(filed.gaps), "plaintext_size": filed.plaintext_size,
+        "ciphertext_size": filed.ciphertext_size, "event_count": filed.event_count, "attempt": attempt})
+    _finish(config, summary, opened)
+    metrics.add_metric(name="SessionsFiled", unit=MetricUnit.Count, value=1)
+    metrics.add_metric(name="SessionsIncomplete", unit=MetricUnit.Count, value=0 if filed.complete else 1)
+    metrics.add_metric(name="SessionsAbandoned", unit=MetricUnit.Count, value=int(filed.status == "abandoned"))
+    metrics.add_metric(name="BytesFiled", unit=MetricUnit.Bytes, value=filed.plaintext_size)
+    metrics.add_metric(name="AssemblyDuration", unit=MetricUnit.Seconds, value=round(time.monotonic() - started, 3))
+    return filed
+
+
+def _verify(config: AssemblerConfig, app: str, session_id: str, reader: ChunkReader,
+            abandoned: bool) -> tuple[dict[str, Any], dict[str, Any] | None, Plan]:
+    session: StagedSession = list_session(config.bucket, app, session_id, config.staging_prefix)
+    if session.empty:
+        raise NotFoundError(f"nothing staged for {app}/{session_id} and no log filed")
+    opened = load_opened(config.bucket, session)
+    closed = load_closed(config.bucket, session)
+    if closed is None and not abandoned:
+        raise NotFoundError(f"{session.prefix}{keys.CLOSED} not found (the sweeper files sessions without one)")
+    filed_at = formats.format_time(formats.utc_now())
+    plan = verify_session(app, session_id, opened, closed, session.chunks, reader, filed_at)
+    return opened, closed, plan
+
+
+def _short_gaps(gaps: dict[str, Any]) -> dict[str, Any]:
+    return {"missing": _ranges(gaps["missing"]),
+            "corrupt": [f"{g['seq']}:{g['reason']}" for g in gaps["corrupt"][:50]]}
+
+
+def process_message(config: AssemblerConfig, body: dict[str, Any], receive_count: int) -> list[FiledLog]:
+    """Handle one assembly-queue message: an S3 event (closed.json) or a sweeper message.
+
+    Returns the logs filed (or finished). Raises (so the message is retried, and finally dead-lettered)
+    on anything that a later attempt may fix; messages that can never be processed are logged and dropped.
+    """
+    if not isinstance(body, dict):
+        raise FormatError("assembly message", "(root)", "not a JSON object")
+    if body.get("Event") == "s3:TestEvent":
+        logger.info("ignoring s3:TestEvent")
+        return []
+    if body.get("oneoff_audit") == SWEEP_MESSAGE:
+        try:
+            app, session_id = validate_app(body.get("app")), validate_session_id(body.get("session_id"))
+        except InvalidIdError as err:
+            logger.error("dropping sweeper message with an invalid id", extra={"reason": str(err)})
+            return []
+        return [assemble_session(config, app, session_id, attempt=receive_count, abandoned=True)]
+    records = body.get("Records")
+    if not isinstance(records, list):
+        raise FormatError("assembly message", "(root)", "neither an S3 event nor a sweeper message")
+    filed: list[FiledLog] = []
+    for record in records:
+        s3 = record.get("s3", {}) if isinstance(record, dict) else {}
+        bucket = s3.get("bucket", {}).get("name")
+        raw_key = s3.get("object", {}).get("key", "")
+        if not str(record.get("eventName", "")).startswith("ObjectCreated") or bucket != config.bucket:
+            logger.info("ignoring S3 event record", extra={"event_name": record.get("eventName"), "bucket": bucket,
+                                                            "key": raw_key})
+            continue
+        try:
+            parsed = keys.parse_staging_key(raw_key, config.staging_prefix, url_encoded=True)
+        except InvalidIdError as err:
+            logger.error("dropping S3 event for a key outside the staging layout", extra={"reason": str(err)})
+            continue
+        if parsed.kind != "closed":
+            logger.info("ignoring S3 event for a non-close object", extra={"key": raw_key})
+            continue
+        filed.append(assemble_session(config, parsed.app, parsed.session_id, attempt=receive_count))
+    return filed
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line saying why a message failed (what ends up next to it in the dead-letter logs)."""
+    if isinstance(err, ClientError):
+        info = err.response.get("Error", {})
+        return f"{err.operation_name}: {info.get('Code')}: {info.get('Message')}"
+    return f"{type(err).__name__}: {err}"
+
+
+def dumps_filed(filed: list[FiledLog]) -> str:
+    """Compact JSON of filed logs (for logs and the local stack)."""
+    return json.dumps([f.to_dict() for f in filed], separators=(",", ":"))

@@ -1,0 +1,210 @@
+"""Build staged sessions the way a runner writes them (opened.json, chunks, closed.json) for tests.
+
+Chunks are made with :func:`oneoff_audit.formats.encode_chunk` and keys with :mod:`oneoff_audit.keys`;
+:func:`expected_log` builds, independently of the assembler, the exact plaintext log a staged
+session must become. Reusable by any test that needs a staged or filed session.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from oneoff_audit import formats, keys
+from oneoff_audit.aws import client
+from oneoff_audit.codec import decode_data, encode_bytes
+
+STARTED_AT = "2026-11-25T14:46:00.123456Z"
+ENDED_AT = "2026-11-25T14:47:30.623456Z"
+
+
+def session_header(app: str, session_id: str, started_at: str = STARTED_AT, **overrides: Any) -> dict[str, Any]:
+    """A valid opened.json document."""
+    doc = {
+        "format": "oneoff-audit.session",
+        "version": 1,
+        "session_id": session_id,
+        "app": app,
+        "actor": {"id": "u-42", "name": "Ada", "type": "user", "source_ip": "10.0.0.7"},
+        "command": {"argv": ["bash", "-c", "echo hi"], "tty": True, "term_size": {"cols": 80, "rows": 24},
+                    "env_keys": ["HOME", "PATH"]},
+        "target": {"org": "acme", "space": "prod"},
+        "started_at": started_at,
+        "agent": {"version": "0.1.0", "hostname": "runner-1", "pid": 4242},
+        "options": {"record_hidden_input": False, "chunk_max_bytes": 1 << 20, "chunk_max_seconds": 5},
+    }
+    doc.update(overrides)
+    return doc
+
+
+def output_events(texts: Iterable[bytes | str], start: float = 0.0, step: float = 0.25,
+                  stream: str = "o") -> list[list[Any]]:
+    """Events carrying ``texts`` (bytes are split into text/base64 data values like the codec does)."""
+    events: list[list[Any]] = []
+    t = start
+    for text in texts:
+        raw = text.encode("utf-8") if isinstance(text, str) else text
+        t = round(t + step, 6)
+        events.extend([t, stream, value] for value in encode_bytes(raw))
+    return events
+
+
+@dataclass
+class StagedChunks:
+    """Chunk objects of one session, with what the close marker needs."""
+
+    app: str
+    session_id: str
+    batches: list[list[list[Any]]]
+    blobs: list[bytes] = field(default_factory=list)
+
+    @property
+    def digests(self) -> list[str]:
+        return [hashlib.sha256(b).hexdigest() for b in self.blobs]
+
+    @property
+    def event_count(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    def stream_bytes(self) -> dict[str, int]:
+        totals = dict.fromkeys(formats.BYTE_STREAMS, 0)
+        for batch in self.batches:
+            for _, stream, data in batch:
+                if stream in totals:
+                    totals[stream] += len(decode_data(data))
+        return totals
+
+
+def chunk_header(app: str, session_id: str, seq: int, first_event_index: int, prev: str | None) -> dict[str, Any]:
+    """A valid chunk header."""
+    return {"format": "oneoff-audit.chunk", "version": 1, "session_id": session_id, "app": app, "seq": seq,
+            "first_event_index": first_event_index, "prev_chunk_sha256": prev}
+
+
+def build_chunks(app: str, session_id: str, batches: Sequence[list[list[Any]]], compresslevel: int | None = None
+                 ) -> StagedChunks:
+    """Encode one chunk per batch of events, chained by hash like the runner does."""
+    staged = StagedChunks(app, session_id, [list(b) for b in batches])
+    prev = None
+    index = 0
+    for seq, batch in enumerate(staged.batches):
+        header = chunk_header(app, session_id, seq, index, prev)
+        if compresslevel is None:
+            blob = formats.encode_chunk(header, batch)
+        else:
+            body = io.BytesIO()
+            body.write(formats.dumps_line(header))
+            for event in batch:
+                body.write(formats.dumps_line(event))
+            blob = gzip.compress(body.getvalue(), compresslevel=compresslevel, mtime=0)
+        staged.blobs.append(blob)
+        prev = hashlib.sha256(blob).hexdigest()
+        index += len(batch)
+    return staged
+
+
+def close_marker(chunks: StagedChunks, status: str = "succeeded", code: int | None = 0, signal: int | None = None,
+                 ended_at: str = ENDED_AT, **overrides: Any) -> dict[str, Any]:
+    """A valid closed.json for ``chunks``."""
+    doc = {
+        "format": "oneoff-audit.close",
+        "version": 1,
+        "session_id": chunks.session_id,
+        "app": chunks.app,
+        "ended_at": ended_at,
+        "exit": {"code": code, "signal": signal},
+        "status": status,
+        "reason": None,
+        "chunk_count": len(chunks.blobs),
+        "chunk_sha256": chunks.digests,
+        "event_count": chunks.event_count,
+        "bytes": chunks.stream_bytes(),
+        "withheld_input_bytes": 0,
+        "lost_bytes": 0,
+    }
+    doc.update(overrides)
+    return doc
+
+
+def put(bucket: str, key: str, body: bytes) -> None:
+    """PUT one staged object."""
+    client("s3").put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def stage(bucket: str, chunks: StagedChunks, *, opened: dict[str, Any] | None = None,
+          closed: dict[str, Any] | bool = True, order: Sequence[int] | None = None,
+          skip: Iterable[int] = (), replace: dict[int, bytes] | None = None,
+          staging_prefix: str = keys.DEFAULT_STAGING_PREFIX) -> dict[str, Any] | None:
+    """Write opened.json, the chunks (in ``order``, minus ``skip``, with ``replace``d bodies), then closed.json.
+
+    Returns the close marker written (None if ``closed`` is False).
+    """
+    app, sid = chunks.app, chunks.session_id
+    put(bucket, keys.opened_key(app, sid, staging_prefix), json.dumps(opened or session_header(app, sid)).encode())
+    skipped = set(skip)
+    replaced = replace or {}
+    for seq in order if order is not None else range(len(chunks.blobs)):
+        if seq in skipped:
+            continue
+        put(bucket, keys.chunk_key(app, sid, seq, staging_prefix), replaced.get(seq, chunks.blobs[seq]))
+    marker = None
+    if closed:
+        marker = close_marker(chunks) if closed is True else closed
+        put(bucket, keys.closed_key(app, sid, staging_prefix), json.dumps(marker).encode())
+    return marker
+
+
+def staged_keys(bucket: str, app: str, session_id: str, staging_prefix: str = keys.DEFAULT_STAGING_PREFIX) -> list[str]:
+    """Current keys under the session's staging folder."""
+    prefix = keys.session_prefix(app, session_id, staging_prefix)
+    pages = client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def expected_log(opened: dict[str, Any], batches: Sequence[list[list[Any]] | None], trailer: dict[str, Any]) -> bytes:
+    """The plaintext log for a session whose chunks are ``batches`` (None marks a missing chunk).
+
+    Built from the events, not from chunk bytes, with the trailer given (the filed one, whose
+    counts the caller asserts separately).
+    """
+    out = io.BytesIO()
+    out.write(formats.dumps_line({"type": "header", **opened, "format": "oneoff-audit.log"}))
+    last_t: float | int = 0
+    for seq, batch in enumerate(batches):
+        if batch is None:
+            out.write(formats.dumps_line([last_t, "m", {"kind": "gap", "seq": seq, "reason": "missing"}]))
+            continue
+        for event in batch:
+            out.write(formats.dumps_line(event))
+            last_t = event[0]
+    out.write(formats.dumps_line(trailer))
+    return out.getvalue()
+
+
+def read_log(bucket: str, app: str, session_id: str, kms_key_id: str, version_id: str | None = None) -> bytes:
+    """The decrypted plaintext of a filed log (checks the encryption context)."""
+    from oneoff_audit.crypto import decrypt_bytes
+
+    request: dict[str, Any] = {"Bucket": bucket, "Key": keys.log_key(app, session_id)}
+    if version_id:
+        request["VersionId"] = version_id
+    ciphertext = client("s3").get_object(**request)["Body"].read()
+    return decrypt_bytes(ciphertext, kms_key_id, app, session_id)
+
+
+def log_versions(bucket: str, key: str) -> list[dict[str, Any]]:
+    """Every version (and delete marker) of ``key``."""
+    response = client("s3").list_object_versions(Bucket=bucket, Prefix=key)
+    return [v for v in response.get("Versions", []) if v["Key"] == key] + \
+        [m for m in response.get("DeleteMarkers", []) if m["Key"] == key]
+
+
+def index_objects(bucket: str, app: str) -> list[str]:
+    """Keys of the app's index entries."""
+    response = client("s3").list_objects_v2(Bucket=bucket, Prefix=keys.index_prefix(app))
+    return [obj["Key"] for obj in response.get("Contents", [])]
