@@ -145,9 +145,14 @@ def _readme(app: str, sid: str, manifest: dict[str, Any], key_arn: str, fingerpr
         "",
         "## Decrypt (needs KMS)",
         "",
-        f"`oneoff-audit decrypt {LOG_NAME}`, or the AWS Encryption CLI with the encryption context "
-        f"`purpose=oneoff-audit-log app={app} session_id={sid}` and `--decrypt-unsigned --buffer`; the plaintext's "
-        f"SHA-256 must be `{manifest['plaintext_sha256']}` (as recorded in {MANIFEST_NAME}).",
+        "```sh",
+        f"oneoff-audit decrypt {LOG_NAME} --app {app} --session {sid} -o log.jsonl",
+        f"oneoff-audit verify log.jsonl --manifest {MANIFEST_NAME}",
+        "```",
+        "",
+        "or the AWS Encryption CLI with `--decrypt-unsigned --buffer` and the encryption context "
+        f"`purpose=oneoff-audit-log app={app} session_id={sid}`. The plaintext's SHA-256 must be "
+        f"`{manifest['plaintext_sha256']}`, as recorded in {MANIFEST_NAME}.",
         "",
     ]
     return "\n".join(lines)
@@ -211,7 +216,8 @@ def build_bundle(bucket: str, app: str, session_id: str, signing_key_id: str, ou
                 members += [(name, body), (name + ".sig", sig)]
             members.append((PUBLIC_KEY_NAME, pem))
             files = [LOG_NAME, *(name for name, _ in members)]
-            readme = _readme(app, session_id, manifest, signing.public_key_arn(signing_key_id), fingerprint,
+            key_arn = sig_obj.metadata.get(signing.META_KEY_ID) or manifest["signing_key_id"]
+            readme = _readme(app, session_id, manifest, key_arn, fingerprint,
                              digests[0][0] if digests else None, digests[1][0] if len(digests) > 1 else None,
                              [*files, SUMS_NAME, README_NAME])
             members.append((README_NAME, readme.encode("utf-8")))
