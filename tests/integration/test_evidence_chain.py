@@ -234,3 +234,26 @@ def test_forged_manifest_inserted_after_the_fact(stack, chain, capsys, s3_clock)
     write_digests(_config(stack), now=at(4, 5))
     assert _lines(_verify(stack, now=at(4, 30))) == [
         f"manifest-edited {key}: signed for app1/S1, not this key"]
+
+
+def test_session_deleted_before_its_digest_and_log_without_manifest(stack, s3_clock, capsys):
+    s3_clock.set(at(0, 10))
+    gone = file_session(stack, APP, "X1", at(0, 10))
+    manifest_version = client("s3").head_object(Bucket=stack.bucket, Key="manifests/app1/X1.json")["VersionId"]
+    s3_clock.set(at(0, 20))  # deleted within the hour it was filed: no digest ever lists it
+    client("s3").delete_object(Bucket=stack.bucket, Key="logs/app1/X1.jsonl.enc")
+    client("s3").delete_object(Bucket=stack.bucket, Key="manifests/app1/X1.json")
+    s3_clock.set(at(0, 30))
+    put_log(stack, APP, "X2", b"filed without evidence\n", at(0, 30))
+    s3_clock.set(at(1, 5))
+    write_digests(_config(stack), now=at(1, 5))
+    code, lines, _ = _cli(stack, capsys, now=at(2, 30))
+    assert code == 1
+    assert lines == [
+        f"log-missing logs/app1/X1.jsonl.enc: deleted at 2026-11-25T09:20:00.000000Z (a delete marker hides version "
+        f"{gone.log_version_id}); its manifest is missing too",
+        "log-without-manifest logs/app1/X2.jsonl.enc: written at 2026-11-25T09:30:00.000000Z; "
+        "manifests/app1/X2.json does not exist",
+        "manifest-missing manifests/app1/X1.json: deleted at 2026-11-25T09:20:00.000000Z (a delete marker hides "
+        f"version {manifest_version}) before any digest listed it",
+    ]

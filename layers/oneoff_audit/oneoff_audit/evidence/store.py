@@ -110,3 +110,35 @@ def history(bucket: str, key: str) -> dict[str, list[dict[str, Any]]]:
         versions += [v for v in page.get("Versions", []) if v["Key"] == key]
         markers += [m for m in page.get("DeleteMarkers", []) if m["Key"] == key]
     return {"versions": versions, "delete_markers": markers}
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """The state of one key in a versioned listing: its newest entry and its newest real version."""
+
+    key: str
+    deleted: bool  # the newest entry is a delete marker
+    deleted_at: datetime | None
+    version_id: str | None  # the newest real version (None if only markers are left)
+    written_at: datetime | None
+
+
+def key_states(bucket: str, prefix: str) -> Iterator[KeyState]:
+    """Every key under ``prefix`` that has versions or delete markers, with its current state (key order)."""
+    entries: dict[str, list[tuple[datetime, bool, dict[str, Any]]]] = {}
+    for page in client("s3").get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Versions", []):
+            entries.setdefault(item["Key"], []).append((item["LastModified"], False, item))
+        for item in page.get("DeleteMarkers", []):
+            entries.setdefault(item["Key"], []).append((item["LastModified"], True, item))
+    for key in sorted(entries):
+        items = entries[key]
+        latest = next((i for i in items if i[2].get("IsLatest")), max(items, key=lambda i: i[0]))
+        versions = sorted((i for i in items if not i[1]), key=lambda i: i[0], reverse=True)
+        yield KeyState(
+            key=key,
+            deleted=latest[1],
+            deleted_at=latest[0] if latest[1] else None,
+            version_id=versions[0][2].get("VersionId") if versions else None,
+            written_at=versions[0][0] if versions else None,
+        )

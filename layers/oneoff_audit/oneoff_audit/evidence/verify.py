@@ -370,16 +370,33 @@ def verify_chain(bucket: str, app: str, signing_key: str | ec.EllipticCurvePubli
         list(pool.map(lambda mkey: v.check_manifest(mkey, listings[mkey]), sorted(listings)))
         list(pool.map(v.check_unlisted, unlisted))
 
-    # Filed logs that have no manifest at all (older than the grace period: the assembler may be mid-way).
-    manifest_sessions = {session_of_manifest(v.app, o["Key"]) for o in manifests}
+    # Filed logs without a manifest, and logs or manifests deleted before any digest listed them (a delete
+    # marker in the versioned bucket). Older than the grace period only: the assembler may be mid-way.
+    current_manifests = {session_of_manifest(v.app, o["Key"]) for o in manifests}
+    missing_manifests = {f.session_id for f in v.findings.values() if f.kind == "manifest-missing"}
+
+    def window(written: datetime | None) -> bool:
+        return (written is not None and (first_hour is None or written >= first_hour) and written < end
+                and written + grace <= now)
+
+    for state in store.key_states(bucket, manifests_prefix(v.app)):
+        sid = session_of_manifest(v.app, state.key)
+        if sid is not None and state.deleted and state.key not in listings and window(state.written_at):
+            v.add("manifest-missing", state.key, f"deleted at {formats.format_time(state.deleted_at)} (a delete "
+                  f"marker hides version {state.version_id}) before any digest listed it", session_id=sid)
+            missing_manifests.add(sid)
     log_prefix = f"{keys.LOGS_PREFIX}{v.app}/"
-    for obj in store.list_objects(bucket, log_prefix):
-        written = obj["LastModified"].astimezone(UTC)
-        name = obj["Key"][len(log_prefix):]
+    for state in store.key_states(bucket, log_prefix):
+        name = state.key[len(log_prefix):]
         sid = name[:-len(".jsonl.enc")] if name.endswith(".jsonl.enc") else None
-        in_window = (first_hour is None or written >= first_hour) and written < end
-        if sid not in manifest_sessions and in_window and written + grace <= now:
-            v.add("log-without-manifest", obj["Key"], f"written at {formats.format_time(written)}; "
+        if sid in current_manifests or not window(state.written_at):
+            continue  # a log with a manifest was checked against it
+        if state.deleted:
+            why = "its manifest is missing too" if sid in missing_manifests else "no manifest records it"
+            v.add("log-missing", state.key, f"deleted at {formats.format_time(state.deleted_at)} (a delete marker "
+                  f"hides version {state.version_id}); {why}", session_id=sid)
+        elif sid not in missing_manifests:
+            v.add("log-without-manifest", state.key, f"written at {formats.format_time(state.written_at)}; "
                   f"{keys.manifest_key(v.app, sid) if sid else 'its manifest'} does not exist", session_id=sid)
 
     findings = sorted(v.findings.values(), key=lambda f: (f.key, f.kind))
