@@ -8,8 +8,10 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import zlib
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from format_samples import APP, SID, chunk_header, close_marker, events, index_entry, log_trailer, sample
@@ -564,3 +566,29 @@ def test_parse_time_rejects(bad):
 def test_sample_ids():
     # The samples use the ids the key tests use, so the docs' examples agree with both.
     assert (chunk_header()["app"], close_marker()["session_id"]) == (APP, SID)
+
+
+# ---------------------------------------------------------------- the examples in docs/FORMAT.md
+
+def _doc_blocks() -> list[tuple[str, bytes]]:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md").read_text("utf-8")
+    return [(m.group(1), m.group(2).encode()) for m in re.finditer(r"```jsonl? ([a-z-]+)\n(.*?)```", text, re.DOTALL)]
+
+
+def test_format_md_examples_are_valid():
+    blocks = dict(_doc_blocks())
+    assert set(blocks) == {"session-header", "chunk", "close-marker", "log", "index-entry"}
+    for name in ("session-header", "close-marker", "index-entry"):
+        assert read_json_object(blocks[name], name, f"FORMAT.md {name}", MAX_CLOSED_BYTES)
+        assert dumps_line(json.loads(blocks[name])) == blocks[name]  # written exactly as writers write
+    header, evs = read_chunk(gzip.compress(blocks["chunk"], mtime=0), "FORMAT.md chunk")
+    assert b"".join(dumps_line(x) for x in [header, *evs]) == blocks["chunk"]
+    log = list(iter_log_lines(io.BytesIO(blocks["log"])))
+    assert [kind for kind, _ in log] == ["header", *["event"] * len(evs), "trailer"]
+    assert [value for kind, value in log if kind == "event"] == evs
+    assert log[0][1] == log_header_from_session(json.loads(blocks["session-header"]))
+    trailer = log[-1][1]
+    assert trailer["event_count"] == len(evs)
+    assert trailer["bytes"] == {s: sum(len(formats.event_bytes(e)) for e in evs if e[1] == s) for s in "ioe"}
+    index = json.loads(blocks["index-entry"])
+    assert (index["size"], index["sha256"]) == (len(blocks["log"]), hashlib.sha256(blocks["log"]).hexdigest())
