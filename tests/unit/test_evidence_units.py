@@ -218,3 +218,10 @@ def test_readme_commands_name_the_bundled_files():
     assert "**No digest covers this manifest yet**" in uncovered
     assert len(uncovered.split("```sh\n", 1)[1].split("\n```", 1)[0].splitlines()) == 3
     assert formats.validate(build_manifest(filed(), KEY_ARN), "manifest", "m")
+
+
+def test_every_finding_kind_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "EVIDENCE.md").read_text()
+    assert [kind for kind in KINDS if f"| `{kind}` |" not in doc] == []
