@@ -551,6 +551,21 @@ def test_runner_policy_allows_only_put_object_under_staging() -> None:
     assert TEMPLATE["Outputs"]["RunnerPolicyArn"]["Value"] == {"Ref": "RunnerPolicy"}
 
 
+def test_auditor_policy_reads_filed_evidence_only() -> None:
+    statements = {s["Sid"]: s for s in resource("AuditorPolicy")["PolicyDocument"]["Statement"]}
+    assert set(statements) == {"ListEvidence", "ReadEvidence", "SigningPublicKey"}
+    assert statements["ListEvidence"]["Resource"] == BUCKET_ARN
+    read = statements["ReadEvidence"]
+    assert read["Action"] == ["s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectRetention", "s3:GetObjectLegalHold"]
+    assert read["Resource"] == [f"{BUCKET_ARN}/{p}/*" for p in ("logs", "index", "manifests", "digests")]
+    assert statements["SigningPublicKey"] == {"Sid": "SigningPublicKey", "Effect": "Allow",
+                                              "Action": "kms:GetPublicKey", "Resource": "<SigningKey.Arn>"}
+    for st in statements.values():
+        assert st["Effect"] == "Allow"
+        assert all(not a.startswith("s3:Put") and not a.startswith("s3:Delete") for a in as_list(st["Action"]))
+    assert TEMPLATE["Outputs"]["AuditorPolicyArn"]["Value"] == {"Ref": "AuditorPolicy"}
+
+
 def test_assembly_queue_redrives_to_the_dead_letter_queue_after_the_last_attempt() -> None:
     queue = resource("AssemblyQueue")
     redrive = queue["RedrivePolicy"]
@@ -613,8 +628,8 @@ def test_alarms_cover_dead_letters_incomplete_abandoned_and_errors() -> None:
 
 def test_outputs() -> None:
     outputs = TEMPLATE["Outputs"]
-    for name in ("ApiUrl", "AuditBucketName", "LogKeyArn", "SigningKeyArn", "RunnerPolicyArn", "AssemblyQueueUrl",
-                 "DeadLetterQueueUrl", "StagingPrefix"):
+    for name in ("ApiUrl", "AuditBucketName", "LogKeyArn", "SigningKeyArn", "RunnerPolicyArn", "AuditorPolicyArn",
+                 "AssemblyQueueUrl", "DeadLetterQueueUrl", "StagingPrefix"):
         assert outputs[name]["Description"], name
     assert R.value(outputs["ApiUrl"]["Value"]) == "https://<AuditApi>.execute-api.us-east-1.amazonaws.com/v1"
     assert R.value(outputs["AuditBucketName"]["Value"]) == EXPECTED_BUCKET
