@@ -117,7 +117,7 @@ def test_examples():
     assert encode_bytes(b"\xc0\xaf") == [{"b64": "wK8="}]  # overlong '/'
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(BYTES)
 def test_encode_bytes_is_exact_and_matches_the_model(data):
     values = encode_bytes(data)
@@ -127,7 +127,7 @@ def test_encode_bytes_is_exact_and_matches_the_model(data):
     assert all(isinstance(a, str) != isinstance(b, str) for a, b in itertools.pairwise(values))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(TEXT_BYTES)
 def test_valid_utf8_is_one_string(data):
     assert encode_bytes(data) == ([data.decode()] if data else [])
@@ -183,7 +183,7 @@ def test_flush_releases_an_incomplete_character_as_base64():
     assert splitter.flush() == []
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(BYTES, st.lists(st.integers(min_value=0), max_size=8))
 def test_any_stream_split_anywhere_round_trips_exactly(data, cuts):
     values = run_splitter(split_at(data, cuts))
@@ -192,7 +192,7 @@ def test_any_stream_split_anywhere_round_trips_exactly(data, cuts):
     assert merge(values) == model(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(TEXT_BYTES, st.lists(st.integers(min_value=0), max_size=8))
 def test_valid_text_split_inside_characters_never_becomes_base64(data, cuts):
     values = run_splitter(split_at(data, cuts))
@@ -235,7 +235,7 @@ def test_iter_encoded_is_a_splitter_over_reads():
 
 # ---------------------------------------------------------------- decode_data
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(BYTES)
 def test_values_survive_json(data):
     values = encode_bytes(data)

@@ -110,7 +110,7 @@ def _accepts(fn, value) -> bool:
     return True
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_ID_TEXT)
 def test_validators_match_their_model(value):
     app_ok = bool(_APP_MODEL.fullmatch(value)) and ".." not in value and len(value) <= APP_ID_MAX

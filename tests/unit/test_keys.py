@@ -57,7 +57,7 @@ _SEQS = st.integers(min_value=0, max_value=keys.MAX_SEQ)
 _PREFIXES = st.sampled_from(["staging/", "audit/staging/", "x/"])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(_APPS, _SIDS, _SEQS, _PREFIXES, st.booleans())
 def test_build_parse_round_trip_for_every_kind(app, sid, seq, prefix, encoded):
     def parse(key):

@@ -126,7 +126,7 @@ _IDS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(_IDS)
 def test_schemas_and_ids_module_agree_on_ids(value):
     assert _accepts(validate_app, value) == _accepts(validate, chunk_header() | {"app": value}, "chunk-header", "h")
@@ -185,7 +185,7 @@ _EVENTS = st.one_of(  # mostly near-valid events, so that both answers are frequ
 )
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(_EVENTS)
 def test_check_event_agrees_with_event_schema(event):
     """check_event is the fast path the assembler uses per line; event.schema.json is the authority."""
