@@ -518,13 +518,14 @@ def test_closed_markers_notify_the_queue_and_only_this_bucket_may_send() -> None
     assert notification["Queue"] == "<AssemblyQueue.Arn>"
     assert notification["Filter"]["S3Key"]["Rules"] == [{"Name": "prefix", "Value": "staging/"},
                                                           {"Name": "suffix", "Value": "closed.json"}]
-    assert RESOURCES["AuditBucket"]["DependsOn"] == "AssemblyQueuePolicy"
-    statements = {s["Sid"]: s for s in resource("AssemblyQueuePolicy")["PolicyDocument"]["Statement"]}
-    allow = statements["ClosedSessionsFromTheAuditBucket"]
+    # S3 checks the queue policy when it stores the notification.
+    assert "AssemblyQueuePolicy" in RESOURCES["AuditBucket"]["DependsOn"]
+    (allow,) = resource("AssemblyQueuePolicy")["PolicyDocument"]["Statement"]
+    assert allow["Sid"] == "ClosedSessionsFromTheAuditBucket" and allow["Effect"] == "Allow"
     assert allow["Principal"] == {"Service": "s3.amazonaws.com"} and allow["Action"] == "sqs:SendMessage"
+    assert allow["Resource"] == "<AssemblyQueue.Arn>"
     assert allow["Condition"] == {"ArnEquals": {"aws:SourceArn": BUCKET_ARN},
                                   "StringEquals": {"aws:SourceAccount": ACCOUNT}}
-    assert statements["DenyInsecureTransport"]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
 
 
 @pytest.mark.parametrize("enabled", ["true", "false"])
@@ -539,6 +540,8 @@ def test_server_access_logs_go_to_a_separate_bucket(enabled: str) -> None:
     assert writer["Principal"] == {"Service": "logging.s3.amazonaws.com"}
     assert writer["Condition"]["ArnLike"] == {"aws:SourceArn": BUCKET_ARN}
     assert resource("AccessLogsBucket")["PublicAccessBlockConfiguration"]["RestrictPublicBuckets"] is True
+    assert "AccessLogsReady" in RESOURCES["AuditBucket"]["DependsOn"]
+    assert R.value(RESOURCES["AccessLogsReady"]["Metadata"]) == {"LogBucketPolicy": "<AccessLogsBucketPolicy>"}
 
 
 # --------------------------------------------------------------------------------------------------
