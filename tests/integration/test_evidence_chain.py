@@ -257,3 +257,13 @@ def test_session_deleted_before_its_digest_and_log_without_manifest(stack, s3_cl
         "manifest-missing manifests/app1/X1.json: deleted at 2026-11-25T09:20:00.000000Z (a delete marker hides "
         f"version {manifest_version}) before any digest listed it",
     ]
+
+
+def test_oversized_signature_is_a_finding_not_a_crash(stack, chain, capsys):
+    key = "manifests/app1/S1.json.sig"
+    client("s3").put_object(Bucket=stack.bucket, Key=key, Body=b"\x30" * (1 << 20))
+    code, lines, _ = _cli(stack, capsys)
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith("manifest-edited manifests/app1/S1.json: signature was replaced (its sha256 is ")
+    assert lines[0].endswith("; signature does not verify over the stored bytes "
+                             f"(sha256 {signing.sha256_hex(_body(stack, 'manifests/app1/S1.json'))})")

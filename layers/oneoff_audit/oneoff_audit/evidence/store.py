@@ -10,6 +10,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from oneoff_audit.aws import client
+from oneoff_audit.errors import RetryLaterError
 
 _MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchVersion")
 
@@ -46,14 +47,20 @@ def put_if_absent(bucket: str, key: str, body: bytes, content_type: str = "appli
         resp = client("s3").put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
                                        Metadata=metadata or {}, IfNoneMatch="*")
     except ClientError as err:
-        if error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+        if error_code(err) in ("PreconditionFailed", "412"):
             return False, None
+        if error_code(err) in ("ConditionalRequestConflict", "409"):  # a concurrent conditional write in flight
+            raise RetryLaterError(f"{key}: a concurrent write is in progress") from err
         raise
     return True, resp.get("VersionId")
 
 
 def get(bucket: str, key: str, version_id: str | None = None, max_bytes: int = 64 << 20) -> StoredObject | None:
-    """The object's current (or given) version, or None if it does not exist."""
+    """The object's current (or given) version, or None if it does not exist.
+
+    At most ``max_bytes + 1`` bytes are read: an oversized object comes back truncated (so it can
+    never match a recorded hash or verify), never loaded whole.
+    """
     kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
     if version_id:
         kwargs["VersionId"] = version_id
@@ -65,9 +72,7 @@ def get(bucket: str, key: str, version_id: str | None = None, max_bytes: int = 6
         raise
     body = resp["Body"]
     try:
-        if resp.get("ContentLength", 0) > max_bytes:
-            raise ValueError(f"{key} is larger than {max_bytes} bytes")
-        data = body.read()
+        data = body.read(max_bytes + 1)
     finally:
         body.close()
     return StoredObject(key, data, resp.get("VersionId"), resp["LastModified"], dict(resp.get("Metadata") or {}))
