@@ -29,6 +29,9 @@ import base64
 import hashlib
 import io
 import json
+import math
+import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -176,6 +179,14 @@ class _Totals:
             self.last_agent_t = other.last_agent_t
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_TEXT_STREAMS = frozenset(formats.BYTE_STREAMS)
+
+
 class _ChunkFailure(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -194,6 +205,7 @@ class _ChunkCheck:
     expected_prev: str | bool | None  # False: unknown (not checked)
     expected_index: int | None
     body_hash: Any
+    spool: Spool | None = None
     cap: int = formats.MAX_CHUNK_DECOMPRESSED
     raw_hash: Any = field(default_factory=hashlib.sha256)
     totals: _Totals = field(default_factory=_Totals)
@@ -276,14 +288,81 @@ class _ChunkCheck:
                 return
         self.body_hash.update(out)
         self.body_size += len(out)
-        lines = (self._carry + out).split(b"\n") if self._carry else out.split(b"\n")
-        self._carry = lines.pop()
+        if self.spool is not None:
+            self.spool.write(out)
+        end = out.rfind(b"\n")
+        if end < 0:
+            self._carry += out
+        else:
+            block = self._carry + out[:end] if self._carry else out[:end]
+            self._carry = out[end + 1:]
+            self._lines(block)
         if len(self._carry) > formats.MAX_LINE_BYTES:
-            raise _ChunkFailure(OVERSIZED_LINE, f"line {self._line + len(lines) + 1} is longer than "
-                                                f"{formats.MAX_LINE_BYTES} bytes")
-        for line in lines:
-            self._line += 1
-            self._event(line)
+            raise _ChunkFailure(OVERSIZED_LINE, f"line {self._line + 1} is longer than {formats.MAX_LINE_BYTES} bytes")
+
+    def _lines(self, block: bytes) -> None:
+        """Check complete event lines (``block`` holds one or more, without the final newline)."""
+        first = self._line + 1
+        if len(block) > formats.MAX_LINE_BYTES:
+            for number, raw in enumerate(block.split(b"\n"), start=first):
+                if len(raw) > formats.MAX_LINE_BYTES:
+                    raise _ChunkFailure(OVERSIZED_LINE, f"line {number} is longer than {formats.MAX_LINE_BYTES} bytes")
+        try:
+            text = block.decode("utf-8")  # lines end in ASCII newlines, so a block never splits a character
+        except UnicodeDecodeError as err:
+            number = first + block.count(b"\n", 0, err.start)
+            raise _ChunkFailure(INVALID_JSON, f"line {number}: not valid UTF-8") from None
+        totals = self.totals
+        events, nbytes = totals.events, totals.bytes
+        last_t: Any = None
+        decode = _DECODER.decode
+        for number, line in enumerate(text.split("\n"), start=first):
+            # Fast path for the common [t, "i"|"o"|"e", "text"] event; anything else (and every error)
+            # goes through the reference checks formats.parse_json + formats.check_event.
+            try:
+                event = decode(line)
+            except (ValueError, RecursionError):
+                event = None
+            if type(event) is list and len(event) == 3:
+                t, stream, data = event
+                if type(data) is str and stream in _TEXT_STREAMS and type(t) in (float, int) and 0 <= t < math.inf:
+                    try:
+                        nbytes[stream] += len(data.encode("utf-8"))
+                    except UnicodeEncodeError:
+                        pass  # a lone surrogate: let the reference checks say so
+                    else:
+                        events[stream] += 1
+                        last_t = t
+                        continue
+            event = self._slow_event(line.encode("utf-8"), number)
+            last_t = event[0]
+        self._line = first + text.count("\n")
+        if last_t is not None:
+            totals.agent_events = sum(events.values())
+            totals.last_t = totals.last_agent_t = last_t
+
+    def _slow_event(self, raw: bytes, number: int) -> list[Any]:
+        try:
+            event = formats.parse_json(raw, self.where)
+        except FormatError as err:
+            raise _ChunkFailure(INVALID_JSON, f"line {number}: {err.reason}") from None
+        try:
+            formats.check_event(event, self.where)
+        except FormatError as err:
+            raise _ChunkFailure(INVALID_EVENT, f"line {number}: {err.field}: {err.reason}") from None
+        _, stream, data = event
+        totals = self.totals
+        totals.events[stream] += 1
+        if stream in formats.BYTE_STREAMS:
+            totals.bytes[stream] += len(decode_data(data))
+        elif stream == "m":
+            amount = data.get("bytes")
+            if isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0:
+                if data["kind"] == "input-withheld":
+                    totals.withheld += amount
+                elif data["kind"] == "capture-gap":
+                    totals.lost += amount
+        return event
 
     def _header(self, raw: bytes) -> None:
         where = f"{self.where} header"
@@ -305,31 +384,74 @@ class _ChunkCheck:
                                              f"expected {self.expected_index}")
         self.first_index = header["first_event_index"]
 
-    def _event(self, raw: bytes) -> None:
-        if len(raw) > formats.MAX_LINE_BYTES:
-            raise _ChunkFailure(OVERSIZED_LINE, f"line {self._line} is longer than {formats.MAX_LINE_BYTES} bytes")
+class Spool:
+    """A local temporary file holding the log's bytes (all but the trailer) as pass 1 verifies them.
+
+    With it, pass 2 encrypts from local disk instead of reading and decompressing every chunk from
+    S3 again. It gives up (and pass 2 falls back to S3) when it would grow past ``limit`` bytes or the
+    disk is full, so a session larger than the function's ephemeral storage is still filed.
+    """
+
+    def __init__(self, limit: int, directory: str | None = None) -> None:
+        self.limit = limit
+        self.size = 0
+        self._file: Any = tempfile.TemporaryFile(dir=directory) if limit > 0 else None  # noqa: SIM115 - closed by discard()
+
+    @classmethod
+    def for_local_disk(cls, reserve: int = 256 << 20) -> Spool:
+        """A spool limited to the free space of the temporary directory minus ``reserve``."""
+        directory = tempfile.gettempdir()
+        return cls(shutil.disk_usage(directory).free - reserve, directory)
+
+    @property
+    def usable(self) -> bool:
+        """False once the spool gave up."""
+        return self._file is not None
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (or give up if it does not fit)."""
+        if self._file is None:
+            return
+        if self.size + len(data) > self.limit:
+            self.discard(f"the log is larger than the {self.limit} bytes of local disk allowed")
+            return
         try:
-            event = formats.parse_json(raw, self.where)
-        except FormatError as err:
-            raise _ChunkFailure(INVALID_JSON, f"line {self._line}: {err.reason}") from None
-        try:
-            formats.check_event(event, self.where)
-        except FormatError as err:
-            raise _ChunkFailure(INVALID_EVENT, f"line {self._line}: {err.field}: {err.reason}") from None
-        t, stream, data = event
-        totals = self.totals
-        totals.events[stream] += 1
-        totals.agent_events += 1
-        totals.last_t = totals.last_agent_t = t
-        if stream in formats.BYTE_STREAMS:
-            totals.bytes[stream] += len(data.encode("utf-8")) if isinstance(data, str) else len(decode_data(data))
-        elif stream == "m":
-            amount = data.get("bytes")
-            if isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0:
-                if data["kind"] == "input-withheld":
-                    totals.withheld += amount
-                elif data["kind"] == "capture-gap":
-                    totals.lost += amount
+            self._file.write(data)
+        except OSError as err:
+            self.discard(f"local disk: {err}")
+            return
+        self.size += len(data)
+
+    def truncate(self, size: int) -> None:
+        """Drop everything after the first ``size`` bytes (a chunk that turned out corrupt)."""
+        if self._file is None or size == self.size:
+            return
+        self._file.flush()
+        self._file.truncate(size)
+        self._file.seek(size)
+        self.size = size
+
+    def pieces(self, read_size: int = 1 << 20) -> Iterator[bytes]:
+        """The spooled bytes, from the start."""
+        assert self._file is not None
+        self._file.flush()
+        self._file.seek(0)
+        while piece := self._file.read(read_size):
+            yield piece
+
+    def discard(self, why: str = "") -> None:
+        """Give up spooling (pass 2 then reads staging again)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if why:
+                logger.info("not spooling the log locally; pass 2 reads staging again", extra={"why": why})
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
 
 
 def _raw_pieces(reader: ChunkReader, chunk: StagedChunk) -> Iterator[bytes]:
@@ -362,11 +484,17 @@ def _gap_data_lines(slot: Slot, reader: ChunkReader) -> Iterator[bytes]:
 
 
 def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: dict[str, Any] | None,
-                   chunks: dict[int, StagedChunk], reader: ChunkReader, filed_at: str) -> Plan:
-    """Pass 1: verify every staged chunk and fix the log's exact content and summary."""
+                   chunks: dict[int, StagedChunk], reader: ChunkReader, filed_at: str,
+                   spool: Spool | None = None) -> Plan:
+    """Pass 1: verify every staged chunk and fix the log's exact content and summary.
+
+    If a ``spool`` is given, the log's bytes before the trailer are also written to it.
+    """
     header_line = formats.dumps_line(formats.log_header_from_session(opened))
     log_hash = hashlib.sha256(header_line)
     size = len(header_line)
+    if spool is not None:
+        spool.write(header_line)
     totals = _Totals()
     expected = closed["chunk_count"] if closed is not None else None
     digests: list[str] = closed["chunk_sha256"] if closed is not None else []
@@ -374,6 +502,10 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
         seqs = list(range(max(chunks) + 1)) if chunks else []
     else:
         seqs = list(range(expected)) + sorted(seq for seq in chunks if seq >= expected)
+    expect = getattr(reader, "expect", None)
+    if expect is not None:
+        expect(chunks[seq] for seq in seqs if seq in chunks and chunks[seq].size <= MAX_CHUNK_OBJECT_BYTES
+               and (expected is None or seq < expected))
     slots: list[Slot] = []
     index: int | None = 0
     prev_actual: str | None = None  # hash of the previous slot's object, if it was read
@@ -383,6 +515,8 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
         for line in lines:
             log_hash.update(line)
             size += len(line)
+            if spool is not None:
+                spool.write(line)
             if counts:
                 totals.events["m"] += 1
 
@@ -410,7 +544,8 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
                 expected_prev = digests[seq - 1]
             else:
                 expected_prev = prev_actual if prev_actual is not None else False
-            check = _ChunkCheck(app, session_id, seq, where, expected_prev, index, log_hash.copy())
+            mark = spool.size if spool is not None else 0
+            check = _ChunkCheck(app, session_id, seq, where, expected_prev, index, log_hash.copy(), spool)
             for piece in reader.read_chunk(chunk):
                 check.feed(piece)
             check.finish()
@@ -430,6 +565,8 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
                 index = check.first_index + check.totals.agent_events
             else:
                 slot = Slot(seq, "corrupt", chunk, actual, failure.reason, failure.detail, totals.last_t)
+                if spool is not None:
+                    spool.truncate(mark)
             prev_actual = actual
         if slot.status == "corrupt":
             logger.warning("chunk is corrupt", extra={"seq": seq, "reason": slot.reason, "detail": slot.detail,
@@ -536,6 +673,9 @@ def _chunk_body(slot: Slot, reader: ChunkReader) -> Iterator[bytes]:
 
 def render_log(plan: Plan, reader: ChunkReader) -> Iterator[bytes]:
     """Pass 2: the plaintext log in pieces, exactly the bytes whose hash pass 1 computed."""
+    expect = getattr(reader, "expect", None)
+    if expect is not None:
+        expect(s.chunk for s in plan.slots if s.chunk is not None and s.chunk.size <= MAX_CHUNK_OBJECT_BYTES)
     yield plan.header_line
     for slot in plan.slots:
         if slot.status == "ok":
@@ -544,6 +684,12 @@ def render_log(plan: Plan, reader: ChunkReader) -> Iterator[bytes]:
         yield slot.gap_line()
         if slot.status == "corrupt":
             yield from _gap_data_lines(slot, reader)
+    yield plan.trailer_line
+
+
+def render_spooled(plan: Plan, spool: Spool) -> Iterator[bytes]:
+    """Pass 2 from the spool: the log's bytes as pass 1 wrote them locally, then the trailer."""
+    yield from spool.pieces()
     yield plan.trailer_line
 
 
@@ -765,10 +911,12 @@ def _head(bucket: str, key: str) -> dict[str, Any] | None:
         raise
 
 
-def _upload(config: AssemblerConfig, plan: Plan, reader: ChunkReader, log_key: str) -> LogSummary:
+def _upload(config: AssemblerConfig, plan: Plan, reader: ChunkReader, log_key: str,
+            spool: Spool | None = None) -> LogSummary:
     """Pass 2 into a multipart upload completed with If-None-Match; AlreadyExistsError if we lost."""
     part_size = part_size_for(plan.plaintext_size + plan.plaintext_size // 1000 + (1 << 20))
-    source = _PieceReader(render_log(plan, reader))
+    pieces = render_spooled(plan, spool) if spool is not None and spool.usable else render_log(plan, reader)
+    source = _PieceReader(pieces)
     with MultipartUpload(config.bucket, log_key, metadata=log_metadata(plan), content_type=LOG_CONTENT_TYPE,
                          part_size=part_size) as upload:
         with encrypting_reader(source, config.kms_key_id, plan.app, plan.session_id) as encryptor:
@@ -889,6 +1037,9 @@ def _finish_existing(config: AssemblerConfig, app: str, session_id: str, log_key
 
 # ---------------------------------------------------------------- entry points
 
+#: Makes the local spool of a run; replace with ``lambda: Spool(0)`` to always re-read staging in pass 2.
+new_spool: Callable[[], Spool] = Spool.for_local_disk
+
 
 @tracer.capture_method
 def assemble_session(config: AssemblerConfig, app: str, session_id: str, *, attempt: int = 1,
@@ -914,9 +1065,14 @@ def _assemble(config: AssemblerConfig, app: str, session_id: str, attempt: int, 
     head = _head(config.bucket, log_key)
     if head is not None:
         return _finish_existing(config, app, session_id, log_key, head)
-    reader = S3ChunkReader(config.bucket)
+    with S3ChunkReader(config.bucket) as reader, new_spool() as spool:
+        return _assemble_staged(config, app, session_id, attempt, abandoned, log_key, reader, spool, started)
+
+
+def _assemble_staged(config: AssemblerConfig, app: str, session_id: str, attempt: int, abandoned: bool,
+                     log_key: str, reader: S3ChunkReader, spool: Spool, started: float) -> FiledLog:
     try:
-        opened, closed, plan = _verify(config, app, session_id, reader, abandoned)
+        opened, closed, plan = _verify(config, app, session_id, reader, spool, abandoned)
     except (NotFoundError, StagingChangedError):
         head = _head(config.bucket, log_key)  # a concurrent run may have filed it and cleaned up
         if head is not None:
@@ -928,7 +1084,8 @@ def _assemble(config: AssemblerConfig, app: str, session_id: str, attempt: int, 
         raise RetryLaterError(f"{app}/{session_id}: gaps {_short_gaps(plan.gaps)} "
                               f"(attempt {attempt} of {config.max_attempts})")
     try:
-        summary = _upload(config, plan, reader, log_key)
+        verified = time.monotonic()
+        summary = _upload(config, plan, reader, log_key, spool)
     except (AlreadyExistsError, StagingChangedError) as err:
         head = _head(config.bucket, log_key)
         if head is None:
@@ -941,7 +1098,8 @@ def _assemble(config: AssemblerConfig, app: str, session_id: str, attempt: int, 
     logger.info("log filed", extra={
         "log_key": log_key, "log_version_id": filed.log_version_id, "complete": filed.complete,
         "status": filed.status, "gaps": _short_gaps(filed.gaps), "plaintext_size": filed.plaintext_size,
-        "ciphertext_size": filed.ciphertext_size, "event_count": filed.event_count, "attempt": attempt})
+        "ciphertext_size": filed.ciphertext_size, "event_count": filed.event_count, "attempt": attempt,
+        "verify_seconds": round(verified - started, 3), "upload_seconds": round(time.monotonic() - verified, 3)})
     _finish(config, summary, opened)
     metrics.add_metric(name="SessionsFiled", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="SessionsIncomplete", unit=MetricUnit.Count, value=0 if filed.complete else 1)
@@ -951,7 +1109,7 @@ def _assemble(config: AssemblerConfig, app: str, session_id: str, attempt: int, 
     return filed
 
 
-def _verify(config: AssemblerConfig, app: str, session_id: str, reader: ChunkReader,
+def _verify(config: AssemblerConfig, app: str, session_id: str, reader: ChunkReader, spool: Spool,
             abandoned: bool) -> tuple[dict[str, Any], dict[str, Any] | None, Plan]:
     session: StagedSession = list_session(config.bucket, app, session_id, config.staging_prefix)
     if session.empty:
@@ -961,7 +1119,7 @@ def _verify(config: AssemblerConfig, app: str, session_id: str, reader: ChunkRea
     if closed is None and not abandoned:
         raise NotFoundError(f"{session.prefix}{keys.CLOSED} not found (the sweeper files sessions without one)")
     filed_at = formats.format_time(formats.utc_now())
-    plan = verify_session(app, session_id, opened, closed, session.chunks, reader, filed_at)
+    plan = verify_session(app, session_id, opened, closed, session.chunks, reader, filed_at, spool)
     return opened, closed, plan
 
 

@@ -9,7 +9,9 @@ costs a retry of the rest of one object, not of the whole session.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -162,17 +164,82 @@ def _check_names(doc: dict[str, Any], session: StagedSession, where: str) -> Non
 
 
 class S3ChunkReader:
-    """Streams chunk objects from S3, pinned to the listed ETag and resumed after broken reads."""
+    """Reads chunk objects from S3, pinned to the listed ETag, resumed after broken reads.
 
-    def __init__(self, bucket: str, read_size: int = READ_SIZE) -> None:
+    S3 answers each GET only after a round trip, so reading one small chunk after another leaves
+    the assembler waiting most of the time. :meth:`expect` announces the order of the coming reads;
+    up to ``prefetch`` objects of at most ``prefetch_max_bytes`` are then fetched ahead, concurrently,
+    so at most ``prefetch * prefetch_max_bytes`` bytes wait in memory. Larger objects are streamed.
+    """
+
+    def __init__(self, bucket: str, read_size: int = READ_SIZE, prefetch: int = 6,
+                 prefetch_max_bytes: int = 8 << 20) -> None:
         self.bucket = bucket
         self.read_size = read_size
+        self.prefetch = prefetch
+        self.prefetch_max_bytes = prefetch_max_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: deque[tuple[StagedChunk, Future[bytes]]] = deque()
+        self._upcoming: deque[StagedChunk] = deque()
+
+    def __enter__(self) -> S3ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def expect(self, chunks: Iterable[StagedChunk]) -> None:
+        """Announce the chunks the next reads will ask for, in order (replaces any earlier announcement)."""
+        self._drop_ahead()
+        self._upcoming = deque(chunks)
+        self._fill()
+
+    def close(self) -> None:
+        """Drop prefetched data and stop the fetching threads."""
+        self._drop_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _drop_ahead(self) -> None:
+        for _, future in self._ahead:
+            future.cancel()
+        self._ahead.clear()
+        self._upcoming.clear()
+
+    def _fill(self) -> None:
+        while len(self._ahead) < self.prefetch and self._upcoming:
+            chunk = self._upcoming.popleft()
+            if chunk.size > self.prefetch_max_bytes:
+                self._upcoming.appendleft(chunk)  # streamed when its turn comes; nothing is fetched past it
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="chunk-fetch")
+            self._ahead.append((chunk, self._pool.submit(self._fetch, chunk)))
+
+    def _fetch(self, chunk: StagedChunk) -> bytes:
+        return b"".join(self._stream(chunk))
 
     def read_chunk(self, chunk: StagedChunk) -> Iterator[bytes]:
-        """Raw pieces of the chunk object as listed; RetryLaterError if it changed or vanished."""
+        """Raw pieces of the chunk object as listed; StagingChangedError if it changed or vanished."""
+        if self._ahead and self._ahead[0][0] == chunk:
+            future = self._ahead.popleft()[1]
+            self._fill()
+            data = future.result()
+            for start in range(0, len(data), self.read_size):
+                yield data[start:start + self.read_size]
+            return
+        if self._upcoming and self._upcoming[0] == chunk:
+            self._upcoming.popleft()
+            yield from self._stream(chunk)
+            self._fill()
+            return
+        yield from self._stream(chunk)
+
+    def _stream(self, chunk: StagedChunk) -> Iterator[bytes]:
         offset = 0
         resumes = 0
-        while offset < chunk.size or offset == 0:
+        while True:
             request: dict[str, Any] = {"Bucket": self.bucket, "Key": chunk.key, "IfMatch": chunk.etag}
             if offset:
                 request["Range"] = f"bytes={offset}-"
@@ -190,6 +257,5 @@ class S3ChunkReader:
                 return
             except _STREAM_ERRORS:
                 resumes += 1
-                if resumes > STREAM_RESUMES:
+                if resumes > STREAM_RESUMES or offset >= chunk.size:
                     raise
-                continue
