@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from oneoff_audit import formats, keys
 from oneoff_audit.cli import build_parser, main
 from oneoff_audit.config import ConfigError, DigestConfig
-from oneoff_audit.errors import FormatError
+from oneoff_audit.errors import FormatError, IntegrityError
 from oneoff_audit.evidence import signing
 from oneoff_audit.evidence.bundle import _readme, digest_name
 from oneoff_audit.evidence.digest import (
@@ -225,3 +225,24 @@ def test_every_finding_kind_is_documented():
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "EVIDENCE.md").read_text()
     assert [kind for kind in KINDS if f"| `{kind}` |" not in doc] == []
+
+
+def test_a_kms_signature_that_does_not_verify_is_never_returned(monkeypatch):
+    """E.g. a KMS emulator that hashes a DIGEST message again: refuse instead of storing an unverifiable .sig."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    calls = []
+
+    class FakeKms:
+        def sign(self, KeyId, Message, MessageType, SigningAlgorithm):
+            calls.append((MessageType, len(Message)))
+            return {"Signature": private.sign(Message, ec.ECDSA(hashes.SHA256())), "KeyId": KEY_ARN}
+
+    monkeypatch.setattr(signing, "client", lambda service: FakeKms())
+    monkeypatch.setattr(signing, "public_key", lambda key_id: private.public_key())
+    small = b"a" * signing.KMS_RAW_MAX
+    signature, arn = signing.sign(small, "k")  # RAW: the fake signs what it is given, like KMS
+    assert arn == KEY_ARN and signing.verify(small, signature, private.public_key())
+    with pytest.raises(IntegrityError, match=r"returned a signature that does not verify over the document "
+                                        r"\(4097 bytes, MessageType DIGEST\)"):
+        signing.sign(b"a" * (signing.KMS_RAW_MAX + 1), "k")
+    assert calls[-1] == ("DIGEST", 32) and calls[0] == ("RAW", 4096)

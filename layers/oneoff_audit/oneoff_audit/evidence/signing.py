@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from oneoff_audit.aws import client
+from oneoff_audit.errors import IntegrityError
 
 SIGNING_ALGORITHM = "ECDSA_SHA_256"
 KMS_RAW_MAX = 4096
@@ -32,13 +33,21 @@ def canonical_bytes(doc: dict[str, Any]) -> bytes:
 
 
 def sign(data: bytes, key_id: str) -> tuple[bytes, str]:
-    """Sign ``data`` with the KMS key; returns (DER signature, key ARN that KMS reports)."""
+    """Sign ``data`` with the KMS key; returns (DER signature, key ARN that KMS reports).
+
+    The signature is checked against the key's public half before it is returned, so a
+    signature that ``openssl dgst -verify`` would reject is never stored.
+    """
     if len(data) <= KMS_RAW_MAX:
         resp = client("kms").sign(KeyId=key_id, Message=data, MessageType="RAW", SigningAlgorithm=SIGNING_ALGORITHM)
     else:
         resp = client("kms").sign(KeyId=key_id, Message=hashlib.sha256(data).digest(), MessageType="DIGEST",
                                   SigningAlgorithm=SIGNING_ALGORITHM)
-    return resp["Signature"], resp["KeyId"]
+    signature = resp["Signature"]
+    if not verify(data, signature, public_key(key_id)):
+        raise IntegrityError(f"KMS key {key_id} returned a signature that does not verify over the document "
+                             f"({len(data)} bytes, MessageType {'RAW' if len(data) <= KMS_RAW_MAX else 'DIGEST'})")
+    return signature, resp["KeyId"]
 
 
 @cache
