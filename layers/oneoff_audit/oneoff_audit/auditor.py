@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -284,9 +285,9 @@ def _stream_to(url: str, dest: str, size: int, sha256: str, progress: bool) -> N
                         bar.update(len(block))
             except urllib.error.HTTPError as err:
                 raise ApiError(f"download failed: HTTP {err.code} (the link may have expired)") from None
-            except (urllib.error.URLError, OSError) as err:
-                raise ApiError(f"download failed after {bar.done} of {size} bytes: "
-                               f"{getattr(err, 'reason', err)}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                reason = getattr(err, "reason", None) or type(err).__name__
+                raise IntegrityError(f"download truncated: got {bar.done} of {size} bytes ({reason})") from None
             out.flush()
             os.fsync(out.fileno())
         bar.finish()

@@ -18,6 +18,7 @@ import aws_encryption_sdk
 from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
 from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
 from botocore.exceptions import BotoCoreError, ClientError
+from cryptography.exceptions import InvalidTag
 
 from oneoff_audit.aws import botocore_session
 from oneoff_audit.errors import DecryptionError, IntegrityError
@@ -26,6 +27,16 @@ PURPOSE = "oneoff-audit-log"
 ALGORITHM = Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
 FRAME_LENGTH = 1 << 20
 READ_SIZE = 1 << 20
+# What a broken message raises: the SDK's own errors, and a frame's failed GCM tag, which the SDK's
+# streaming decryptor lets through unwrapped (a flipped byte in a frame's content).
+DECRYPT_ERRORS = (AWSEncryptionSDKClientError, InvalidTag, ClientError, BotoCoreError)
+
+
+def decryption_error(err: BaseException) -> DecryptionError:
+    """A one-line DecryptionError for what the SDK, the AEAD or KMS raised."""
+    if isinstance(err, InvalidTag):
+        return DecryptionError("cannot decrypt: a frame failed authentication (tampered or corrupted ciphertext)")
+    return DecryptionError(f"cannot decrypt: {err or type(err).__name__}")
 
 
 def encryption_context(app: str, session_id: str) -> dict[str, str]:
@@ -75,8 +86,8 @@ def decrypt_bytes(ciphertext: bytes, key_id: str | None, app: str | None, sessio
     """Decrypt a whole (small) message and check its encryption context."""
     try:
         plaintext, header = sdk_client().decrypt(source=ciphertext, key_provider=key_provider(key_id))
-    except (AWSEncryptionSDKClientError, ClientError, BotoCoreError) as err:
-        raise DecryptionError(f"cannot decrypt: {err or type(err).__name__}") from err
+    except DECRYPT_ERRORS as err:
+        raise decryption_error(err) from err
     check_context(dict(header.encryption_context), app, session_id)
     return plaintext
 
@@ -99,8 +110,8 @@ def decrypt_to_file(source: IO[bytes], dest: str, key_id: str | None, app: str |
                     check_context(context, app, session_id)
                     for block in decryptor:
                         out.write(block)
-            except (AWSEncryptionSDKClientError, ClientError, BotoCoreError) as err:
-                raise DecryptionError(f"cannot decrypt: {err or type(err).__name__}") from err
+            except DECRYPT_ERRORS as err:
+                raise decryption_error(err) from err
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, dest)

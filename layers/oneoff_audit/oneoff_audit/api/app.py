@@ -23,7 +23,6 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError as RouteNotFoundError
 from botocore.exceptions import BotoCoreError, ClientError
 
-from oneoff_audit import export
 from oneoff_audit.api import access, logs, timeline
 from oneoff_audit.api.auth import Identity, identity_from_event, require_app
 from oneoff_audit.config import ApiConfig, ConfigError
@@ -106,22 +105,19 @@ def get_log(app_id: str, session_id: str) -> Response:
     fmt = params.get("format", "json")
     if fmt not in ("json", "asciicast"):
         raise FormatError("query", "format", "must be 'json' or 'asciicast'")
-    filed = logs.locate(cfg, app_id, session_id)
     request = access.RequestInfo.from_event(app.current_event.raw_event)
-    if filed.plaintext_size > cfg.inline_max_bytes:
-        answer = logs.presigned_response(cfg, filed)
-        access.record_view(cfg.bucket, app_id, session_id, identity, "url" if fmt == "json" else "asciicast-url",
-                           request, log_version_id=filed.version_id, expires_in=answer["expires_in"])
-        return _json(200, answer)
-    plaintext = logs.fetch_plaintext(cfg, filed)
-    if fmt == "asciicast":
-        cast = export.asciicast_bytes(plaintext)
-        access.record_view(cfg.bucket, app_id, session_id, identity, "asciicast", request,
-                           log_version_id=filed.version_id)
-        return Response(status_code=200, content_type=ASCIICAST_TYPE, body=cast.decode("utf-8"), headers=NO_STORE)
-    body = logs.inline_body(plaintext, app_id, session_id)
-    access.record_view(cfg.bucket, app_id, session_id, identity, "inline", request, log_version_id=filed.version_id)
-    return _json(200, body, {SHA256_HEADER: filed.plaintext_sha256} if filed.plaintext_sha256 else None)
+
+    def record(how: str, **details: Any) -> None:
+        access.record_view(cfg.bucket, app_id, session_id, identity, how, request, **details)
+
+    delivery = logs.deliver(cfg, app_id, session_id, fmt, record)
+    if delivery.link is not None:
+        return _json(200, delivery.link)
+    if delivery.how == "asciicast":
+        return Response(status_code=200, content_type=ASCIICAST_TYPE, body=delivery.body, headers=NO_STORE)
+    sha = delivery.filed.plaintext_sha256
+    return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=delivery.body,
+                    headers={**NO_STORE, **({SHA256_HEADER: sha} if sha else {})})
 
 
 @app.get("/apps/<app_id>/sessions/<session_id>/access")

@@ -3,8 +3,9 @@
 What was filed for a session is read from its evidence manifest (``manifests/<app>/<session>.json``:
 log key and version, ciphertext and plaintext sizes and SHA-256, started_at). Without a manifest,
 a session whose staging folder still exists is *pending* (202: ``recording`` without a close
-marker, ``assembling`` with one); a log filed without a manifest is found through its own header
-and index entry, and its ciphertext hash is computed.
+marker, ``assembling`` with one); a log filed without a manifest (evidence signing off) is
+described by the summary the assembler put in its object metadata, and its ciphertext hash is
+computed when a download link needs it.
 
 Inline delivery decrypts the exact filed version, checking its ciphertext hash and size against
 the manifest, the encryption context (this app, this session) and the plaintext hash, and
@@ -19,15 +20,18 @@ import hashlib
 import io
 import json
 import math
+import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
-from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
-from oneoff_audit import crypto, formats, keys
+from oneoff_audit import crypto, export, formats, keys
 from oneoff_audit.api import timeline
 from oneoff_audit.aws import client
 from oneoff_audit.config import ApiConfig
@@ -43,9 +47,11 @@ from oneoff_audit.errors import (
 MAX_PRESIGN_TTL = 900
 MIN_PRESIGN_TTL = 1
 MAX_MANIFEST_BYTES = 16 << 20
+INLINE_OVERHEAD = 64 << 10  # message header and frame overhead of an inline-sized log, generously
 DETAIL_FULL_DECRYPT_MAX = 8 << 20  # session details decrypt smaller logs whole (header and trailer)
 HASH_CHUNK = 1 << 20
 _MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchVersion")
+LOG_META_FORMAT = "oneoff-audit.log/1"  # the assembler's summary in the log object's user metadata
 
 
 def _missing(err: ClientError) -> bool:
@@ -145,17 +151,24 @@ def locate(cfg: ApiConfig, app: str, session_id: str) -> FiledLog:
         if _missing(err):
             raise NotFoundError(f"no session {session_id!r} in app {app!r}") from err
         raise
-    # Filed without a manifest (evidence signing disabled): the log's own header names its index entry.
-    header = read_header(cfg, app, session_id, head.get("VersionId"))
-    entry = read_index_entry(cfg, app, session_id, header["started_at"])
-    if entry is None:
-        raise IntegrityError("the log has neither a manifest nor an index entry")
-    version = head.get("VersionId")
-    if entry["log_version_id"] not in (None, version):
-        version = entry["log_version_id"]
+    # Filed without a manifest (evidence signing off): the summary the assembler put in the log's metadata.
+    meta = head.get("Metadata") or {}
+    try:
+        if meta.get("format") != LOG_META_FORMAT or meta["app"] != app or meta["session-id"] != session_id:
+            raise KeyError("format/app/session-id")
+        started_at = meta["started-at"]
+        formats.parse_time(started_at)
+        plaintext_size, plaintext_sha256 = int(meta["plaintext-size"]), meta["plaintext-sha256"]
+    except (KeyError, ValueError, FormatError) as err:
+        raise IntegrityError(f"the log has no manifest and its metadata is not a log summary ({err})") from None
+    version = head.get("VersionId") if head.get("VersionId") not in (None, "null") else None
+    entry = read_index_entry(cfg, app, session_id, started_at)
+    if entry is not None and entry["log_version_id"] not in (None, version):
+        version = entry["log_version_id"]  # the version that was filed, not a later overwrite
         head = client("s3").head_object(Bucket=cfg.bucket, Key=log_key, VersionId=version)
-    return FiledLog(app, session_id, log_key, version, int(head["ContentLength"]), None, entry["size"],
-                    entry["sha256"], entry["started_at"], None)
+        plaintext_size, plaintext_sha256 = entry["size"], entry["sha256"]
+    return FiledLog(app, session_id, log_key, version, int(head["ContentLength"]), None, plaintext_size,
+                    plaintext_sha256, started_at, None)
 
 
 def _get_log(cfg: ApiConfig, filed: FiledLog) -> Any:
@@ -170,19 +183,120 @@ def _get_log(cfg: ApiConfig, filed: FiledLog) -> Any:
         raise
 
 
-def fetch_plaintext(cfg: ApiConfig, filed: FiledLog) -> bytes:
-    """The whole decrypted log, after checking sizes, hashes and the encryption context."""
-    body = _get_log(cfg, filed)["Body"]
-    ciphertext = body.read(filed.ciphertext_size + 1)
+@cache
+def _provider(key_id: str, endpoint: str | None) -> Any:
+    """A KMS key provider per key (and endpoint), reused across requests: building one builds a client."""
+    return crypto.key_provider(key_id)
+
+
+def decrypt_message(cfg: ApiConfig, ciphertext: bytes, app: str, session_id: str) -> bytes:
+    """Decrypt a whole (inline-sized) message frame by frame; its encryption context must name this session."""
+    provider = _provider(cfg.kms_key_id, os.environ.get("AWS_ENDPOINT_URL"))
+    try:
+        with crypto.sdk_client().stream(mode="d", source=ciphertext, key_provider=provider) as decryptor:
+            crypto.check_context(dict(decryptor.header.encryption_context), app, session_id)
+            plaintext = b"".join(iter(lambda: decryptor.read(crypto.FRAME_LENGTH), b""))
+            if not hasattr(decryptor, "footer"):  # the SDK marks the end of an intact message this way
+                raise DecryptionError("cannot decrypt: the message ends before its final frame")
+    except crypto.DECRYPT_ERRORS as err:
+        raise crypto.decryption_error(err) from err
+    return plaintext
+
+
+def check_ciphertext(filed: FiledLog, ciphertext: bytes) -> None:
+    """The stored bytes must be exactly what was filed."""
     if len(ciphertext) != filed.ciphertext_size:
-        raise IntegrityError(f"the stored log is {len(ciphertext)} bytes, the manifest says {filed.ciphertext_size}")
+        raise IntegrityError(f"the stored log is {len(ciphertext)} bytes, {filed.ciphertext_size} were filed")
     if filed.ciphertext_sha256 and hashlib.sha256(ciphertext).hexdigest() != filed.ciphertext_sha256:
         raise IntegrityError("the stored log does not match the SHA-256 in its manifest")
-    plaintext = crypto.decrypt_bytes(ciphertext, cfg.kms_key_id, filed.app, filed.session_id)
+
+
+def check_plaintext(filed: FiledLog, plaintext: bytes) -> None:
+    """The decrypted bytes must be the plaintext that was filed."""
     if len(plaintext) != filed.plaintext_size or (
             filed.plaintext_sha256 and hashlib.sha256(plaintext).hexdigest() != filed.plaintext_sha256):
         raise IntegrityError("the decrypted log does not match the plaintext size and SHA-256 recorded when filed")
+
+
+def fetch_plaintext(cfg: ApiConfig, filed: FiledLog) -> bytes:
+    """The whole decrypted log, after checking sizes, hashes and the encryption context."""
+    ciphertext = _get_log(cfg, filed)["Body"].read(filed.ciphertext_size + 1)
+    check_ciphertext(filed, ciphertext)
+    plaintext = decrypt_message(cfg, ciphertext, filed.app, filed.session_id)
+    check_plaintext(filed, plaintext)
     return plaintext
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="api-io")
+    return _POOL
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _speculative_get(cfg: ApiConfig, app: str, session_id: str) -> tuple[str | None, bytes] | None:
+    """The current log version's first bytes, enough for any inline-sized log (None if there is no log)."""
+    limit = cfg.inline_max_bytes + INLINE_OVERHEAD
+    try:
+        resp = client("s3").get_object(Bucket=cfg.bucket, Key=keys.log_key(app, session_id), Range=f"bytes=0-{limit}")
+    except ClientError as err:
+        if _missing(err) or str(err.response.get("Error", {}).get("Code")) == "InvalidRange":
+            return None
+        raise
+    version = resp.get("VersionId")
+    return (None if version in (None, "null") else version), resp["Body"].read(limit + 1)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What the log route answers: an inline JSON or asciicast body, or a download link."""
+
+    how: str  # "inline" | "asciicast" | "url" | "asciicast-url"
+    filed: FiledLog
+    body: str | None = None
+    link: dict[str, Any] | None = None
+
+
+def deliver(cfg: ApiConfig, app: str, session_id: str, fmt: str, record: Callable[..., Any]) -> Delivery:
+    """Answer a log request; ``record(how, **details)`` writes the access record, always before release.
+
+    The manifest and the log's first bytes are fetched at once, and the access record is written
+    while the log is decrypted, so an inline answer costs about one S3 GET and one KMS call more
+    than nothing. A record is written for every request that gets as far as the log, also when it
+    then fails its integrity checks (the attempt is recorded; nothing is released).
+    """
+    pool = _pool()
+    speculative = pool.submit(_speculative_get, cfg, app, session_id)
+    try:
+        filed = locate(cfg, app, session_id)
+    except BaseException:
+        speculative.cancel()
+        raise
+    if filed.plaintext_size > cfg.inline_max_bytes:
+        speculative.cancel()
+        link = presigned_response(cfg, filed)
+        record("url" if fmt == "json" else "asciicast-url", log_version_id=filed.version_id,
+               expires_in=link["expires_in"])
+        return Delivery("url" if fmt == "json" else "asciicast-url", filed, link=link)
+    how = "inline" if fmt == "json" else "asciicast"
+    recorded = pool.submit(record, how, log_version_id=filed.version_id)
+    try:
+        got = speculative.result()
+        if got is None or got[0] != filed.version_id or len(got[1]) != filed.ciphertext_size:
+            ciphertext = _get_log(cfg, filed)["Body"].read(filed.ciphertext_size + 1)  # not the filed version
+        else:
+            ciphertext = got[1]
+        check_ciphertext(filed, ciphertext)
+        plaintext = decrypt_message(cfg, ciphertext, app, session_id)
+        check_plaintext(filed, plaintext)
+        body = inline_json(plaintext, app, session_id) if how == "inline" else \
+            export.asciicast_bytes(plaintext).decode("utf-8")
+    finally:
+        recorded.result()  # durable before anything is released; its failure (503) wins over success
+    return Delivery(how, filed, body=body)
 
 
 def read_header(cfg: ApiConfig, app: str, session_id: str, version_id: str | None) -> dict[str, Any]:
@@ -201,8 +315,8 @@ def read_header(cfg: ApiConfig, app: str, session_id: str, version_id: str | Non
                 break
             buf += block
         crypto.check_context(dict(decryptor.header.encryption_context), app, session_id)
-    except (AWSEncryptionSDKClientError, ClientError, BotoCoreError) as err:
-        raise DecryptionError(f"cannot decrypt the log: {err or type(err).__name__}") from err
+    except crypto.DECRYPT_ERRORS as err:
+        raise crypto.decryption_error(err) from err
     finally:
         if decryptor is not None:
             io.IOBase.close(decryptor)  # the SDK's close() insists on the end of the message
@@ -221,23 +335,37 @@ def check_header(value: Any, app: str, session_id: str) -> dict[str, Any]:
     return header
 
 
-def split_log(plaintext: bytes, app: str, session_id: str) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
-    """(header, events, trailer) of a decrypted log, each line parsed and checked."""
+def header_and_trailer(plaintext: bytes, app: str, session_id: str) -> tuple[bytes, dict[str, Any], bytes,
+                                                                            dict[str, Any]]:
+    """The first and last lines of a decrypted log (raw and parsed), validated and naming this session."""
+    first = plaintext.find(b"\n")
+    last = plaintext.rfind(b"\n", 0, len(plaintext) - 1) + 1
+    if first < 0 or last <= first or not plaintext.endswith(b"\n"):
+        raise IntegrityError("the decrypted log has no header and trailer lines")
+    header_raw, trailer_raw = plaintext[:first], plaintext[last:-1]
     try:
-        parts = list(formats.iter_log_lines(io.BytesIO(plaintext)))
+        header = check_header(formats.parse_json(header_raw, "log line 1"), app, session_id)
+        trailer = formats.validate(formats.parse_json(trailer_raw, "log trailer"), "log-trailer", "log trailer")
     except FormatError as err:
         raise IntegrityError(f"the decrypted log is malformed: {err}") from err
-    header = check_header(parts[0][1], app, session_id)
-    trailer = parts[-1][1]
     if trailer["app"] != app or trailer["session_id"] != session_id:
         raise IntegrityError("the log's trailer names another session")
-    return header, [value for kind, value in parts[1:-1] if kind == "event"], trailer
+    return header_raw, header, trailer_raw, trailer
 
 
-def inline_body(plaintext: bytes, app: str, session_id: str) -> dict[str, Any]:
-    """The inline answer: ``{"header", "events", "trailer"}``."""
-    header, events, trailer = split_log(plaintext, app, session_id)
-    return {"header": header, "events": events, "trailer": trailer}
+def inline_json(plaintext: bytes, app: str, session_id: str) -> str:
+    """The inline answer ``{"header", "events", "trailer"}`` as JSON text, spliced from the log's own lines.
+
+    The plaintext is authenticated (AES-GCM under the KMS key, encryption context and SHA-256 checked
+    against the manifest), so its compact JSON lines are exactly what the assembler validated and wrote:
+    header and trailer are checked again, the event lines are joined into the array as they are. That
+    keeps a 1 MiB log's answer in milliseconds instead of re-parsing every event.
+    """
+    header_raw, _, trailer_raw, _ = header_and_trailer(plaintext, app, session_id)
+    middle = plaintext[len(header_raw) + 1:len(plaintext) - len(trailer_raw) - 1]
+    events = b"[" + middle[:-1].replace(b"\n", b",") + b"]" if middle else b"[]"
+    body = b"".join((b'{"header":', header_raw, b',"events":', events, b',"trailer":', trailer_raw, b"}"))
+    return body.decode("utf-8")
 
 
 def credentials_remaining(now: float | None = None) -> float | None:
@@ -308,7 +436,7 @@ def session_details(cfg: ApiConfig, filed: FiledLog) -> dict[str, Any]:
     """Header, trailer (when the log is small enough to read whole), timeline entry and integrity summary."""
     trailer = None
     if filed.plaintext_size <= DETAIL_FULL_DECRYPT_MAX:
-        header, _, trailer = split_log(fetch_plaintext(cfg, filed), filed.app, filed.session_id)
+        _, header, _, trailer = header_and_trailer(fetch_plaintext(cfg, filed), filed.app, filed.session_id)
     else:
         header = read_header(cfg, filed.app, filed.session_id, filed.version_id)
     entry = read_index_entry(cfg, filed.app, filed.session_id, filed.started_at)
@@ -316,7 +444,9 @@ def session_details(cfg: ApiConfig, filed: FiledLog) -> dict[str, Any]:
     summary = trailer or manifest or entry or {}
     problems = []
     if entry is None:
-        problems.append("index entry missing: the session is not on the timeline")
+        problems.append("index entry not written yet: filing in progress"
+                        if staging_status(cfg, filed.app, filed.session_id) else
+                        "index entry missing: the session is not on the timeline")
     if filed.manifest is None:
         problems.append("manifest missing: the log has no signed evidence")
     integrity = {
