@@ -1,0 +1,389 @@
+"""The fault table: one row per attack or failure, its expected outcome, and the check that proves it.
+
+Every row ends in one of three outcomes, never a silent drop: a precise error, a retry that
+succeeds, or a session filed ``complete: false`` naming its gaps. Rows that record or stage a
+session put its bytes in the ledger (``h.account*``): what the process wrote and read, or what was
+staged intact, against what the filed log holds. Row ids are referenced by docs/THREAT_MODEL.md.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import helpers_staging as hs
+from faultkit import Filed, Harness, SimulatedCrash, crash, kms_error, s3_error, timeout
+
+from oneoff_audit import keys
+from oneoff_audit.aws import client
+from oneoff_audit.ids import new_session_id
+from oneoff_audit.local import sqs_batch_event
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
+
+CATEGORIES = ("infrastructure", "runner", "hostile-runner", "hostile-api", "tampering")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One attack or failure."""
+
+    id: str
+    category: str
+    description: str
+    expected: str
+    check: Callable[[Harness], None]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+ROWS: list[Row] = []
+
+
+def row(row_id: str, category: str, description: str, expected: str) -> Callable[[Callable[[Harness], None]], Any]:
+    """Register the decorated function as the check of a new row."""
+    assert category in CATEGORIES, category
+
+    def register(check: Callable[[Harness], None]) -> Callable[[Harness], None]:
+        assert all(r.id != row_id for r in ROWS), f"duplicate row id {row_id}"
+        ROWS.append(Row(row_id, category, description, expected, check))
+        return check
+    return register
+
+
+# ---------------------------------------------------------------- shared pieces
+
+APP = "app-a"
+OTHER_APP = "app-b"
+
+
+def session_batches(seqs: int, seed: int = 0) -> list[list[list[Any]]]:
+    """Event batches for ``seqs`` KB-sized chunks: text, multi-byte text, invalid UTF-8, stdin, stderr, resizes."""
+    batches = []
+    t = 0.0
+    for seq in range(seqs):
+        lines = [f"[{seed}] chunk {seq} line {n}: caf\u00e9 \u20ac \U0001f600 {'x' * 40}\r\n".encode()
+                 for n in range(12)]
+        batch = hs.output_events(lines, start=t, step=0.01)
+        t = batch[-1][0]
+        batch += hs.output_events([bytes([0xFF, 0xFE, seq % 256, 0x80]), b"ls -la\r"], start=t, step=0.01,
+                                  stream="i")
+        t = batch[-1][0]
+        batch += hs.output_events([f"warn {seq}\n".encode(), b"\xe2\x82"], start=t, step=0.01, stream="e")
+        t = round(batch[-1][0] + 0.01, 6)
+        batch.append([t, "r", f"{80 + seq}x24"])
+        batches.append(batch)
+    return batches
+
+
+def staged(h: Harness, seqs: int = 3, app: str = APP, *, sid: str | None = None, seed: int = 0,
+           **stage_kwargs: Any) -> hs.StagedChunks:
+    """Build and stage a session (opened, chunks, closed) the way a runner writes it."""
+    chunks = hs.build_chunks(app, sid or new_session_id(), session_batches(seqs, seed))
+    hs.stage(h.bucket, chunks, **stage_kwargs)
+    return chunks
+
+
+def file_and_account(h: Harness, chunks: hs.StagedChunks, intact: Any = None, *, rounds: int = 1,
+                     complete: bool = True) -> Any:
+    """Deliver the queue, then check the session was filed once with the expected completeness; ledger it."""
+    h.deliver(rounds)
+    filed = h.filed(chunks.app, chunks.session_id)
+    intact = set(range(len(chunks.blobs))) if intact is None else set(intact)
+    account = h.account_staged(chunks, intact, filed)
+    h.assert_no_loss(account)
+    assert filed.trailer["complete"] is complete, filed.trailer
+    h.assert_filed_once(chunks.app, chunks.session_id)
+    return filed
+
+
+def staging_intact(h: Harness, chunks: hs.StagedChunks) -> None:
+    """Nothing filed, every staged object still there byte for byte (the bytes are not lost: they wait)."""
+    assert not h.is_filed(chunks.app, chunks.session_id)
+    for seq, blob in enumerate(chunks.blobs):
+        key = keys.chunk_key(chunks.app, chunks.session_id, seq)
+        assert h.s3.get_object(Bucket=h.bucket, Key=key)["Body"].read() == blob
+    assert h.keys_under(keys.closed_key(chunks.app, chunks.session_id))
+
+
+def json_body(raw: bytes) -> Any:
+    return json.loads(raw) if raw else None
+
+
+def api_log(body: dict[str, Any]) -> Filed:
+    """The inline API answer as a :class:`Filed` (its events are what an auditor reads)."""
+    return Filed(b"", body["header"], body["events"], body["trailer"])
+
+
+# ================================================================ infrastructure faults
+
+@row("INF-02", "infrastructure", "S3 500 InternalError and 503 SlowDown on the assembler's reads "
+     "(ListObjectsV2, HeadObject, GetObject of the markers and of every chunk), twice each",
+     "botocore retries them; the session is filed once, complete, byte-exact")
+def inf_s3_assembler_reads(h: Harness) -> None:
+    chunks = staged(h, 3)
+    rules = [h.inj.add("s3", op, fault, times=2)
+             for op, fault in (("ListObjectsV2", s3_error("InternalError", 500)), ("HeadObject", s3_error()),
+                               ("GetObject", s3_error("InternalError", 500)))]
+    file_and_account(h, chunks)
+    assert all(r.hits == 2 for r in rules), [(r.operation, r.hits) for r in rules]
+
+
+@row("INF-03", "infrastructure", "S3 503 SlowDown on the assembler's writes: CreateMultipartUpload, UploadPart, "
+     "CompleteMultipartUpload, the manifest and index PUTs, DeleteObjects",
+     "botocore retries them; one log version, one manifest, one index entry, staging cleaned")
+def inf_s3_assembler_writes(h: Harness) -> None:
+    chunks = staged(h, 3)
+    ops = ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "PutObject", "DeleteObjects")
+    rules = [h.inj.add("s3", op, s3_error("SlowDown", 503), times=1) for op in ops]
+    file_and_account(h, chunks)
+    assert [r.hits for r in rules] == [1] * len(ops)
+
+
+@row("INF-04", "infrastructure", "S3 answers 500 to every assembler call for longer than botocore retries",
+     "the message is a batch item failure (retried, then dead-lettered with the reason); nothing filed, staging "
+     "untouched; when S3 is back the next delivery files the session once, byte-exact")
+def inf_s3_assembler_down(h: Harness) -> None:
+    chunks = staged(h, 2)
+    down = h.inj.add("s3", None, s3_error("InternalError", 500))
+    handled = h.deliver(1)
+    assert [failed for _, failed in handled] == [True]
+    assert down.hits >= 8  # every attempt botocore makes
+    h.inj.clear()
+    staging_intact(h, chunks)
+    assert h.multipart_uploads() == []
+    file_and_account(h, chunks)
+
+
+@row("INF-05", "infrastructure", "S3 503 SlowDown on the API's GetObject of the filed log and of its manifest",
+     "botocore retries them; 200 with the inline log, byte-exact, and the view recorded")
+def inf_s3_api_throttled(h: Harness) -> None:
+    chunks = staged(h, 2)
+    file_and_account(h, chunks)
+    log_rule = h.inj.add("s3", "GetObject", s3_error(), times=2, key="/logs/")
+    manifest_rule = h.inj.add("s3", "GetObject", s3_error(), times=1, key="/manifests/")
+    status, body = h.api_json(f"/apps/{APP}/sessions/{chunks.session_id}/log")
+    assert status == 200, body
+    assert (log_rule.hits, manifest_rule.hits) == (2, 1)
+    h.assert_no_loss(h.account(APP, chunks.session_id, "staged", h.filed(APP, chunks.session_id).stream_bytes(),
+                               api_log(body), "as served inline by the API"))
+    assert len(h.keys_under(keys.access_prefix(APP, chunks.session_id))) == 1
+
+
+@row("INF-06", "infrastructure", "S3 answers 500 to every API call for longer than botocore retries",
+     "503 {\"error\": \"unavailable\"} with Retry-After, no traceback, no log bytes in the answer")
+def inf_s3_api_down(h: Harness) -> None:
+    chunks = staged(h, 1)
+    file_and_account(h, chunks)
+    h.inj.add("s3", None, s3_error("InternalError", 500))
+    status, headers, raw = h.api_get(f"/apps/{APP}/sessions/{chunks.session_id}/log")
+    assert status == 503, raw
+    assert json_body(raw) == {"error": "unavailable", "message": "storage or key service unavailable, retry later"}
+    assert headers.get("Retry-After") == "5"
+
+
+@row("INF-07", "infrastructure", "the access record of a log view cannot be written (S3 500 on PutObject under "
+     "access/, every attempt)",
+     "503, and nothing of the log is released: an unrecorded view never happens")
+def inf_access_record_fails(h: Harness) -> None:
+    chunks = staged(h, 1)
+    filed = file_and_account(h, chunks)
+    rule = h.inj.add("s3", "PutObject", s3_error("InternalError", 500), key="/access/")
+    status, _, raw = h.api_get(f"/apps/{APP}/sessions/{chunks.session_id}/log")
+    assert status == 503, raw
+    body = json_body(raw)
+    assert body["error"] == "unavailable" and "access audit could not record this view" in body["message"]
+    assert rule.hits >= 2
+    some_output = filed.stream_bytes()["o"][:20]
+    assert some_output and some_output not in raw
+    h.inj.clear()
+    assert h.keys_under(keys.access_prefix(APP, chunks.session_id)) == []
+
+
+@row("INF-08", "infrastructure", "KMS ThrottlingException on the assembler's GenerateDataKey (twice) and on the "
+     "manifest's Sign (once)",
+     "retried; the session is filed once, complete, byte-exact, with a signed manifest")
+def inf_kms_throttled_assembler(h: Harness) -> None:
+    chunks = staged(h, 2)
+    gen = h.inj.add("kms", "GenerateDataKey", kms_error("ThrottlingException"), times=2)
+    sign = h.inj.add("kms", "Sign", kms_error("ThrottlingException"), times=1)
+    file_and_account(h, chunks)
+    assert (gen.hits, sign.hits) == (2, 1)
+    assert h.keys_under(keys.manifest_key(APP, chunks.session_id) + ".sig")
+
+
+@row("INF-09", "infrastructure", "KMS KMSInternalException on every GenerateDataKey while the assembler runs",
+     "batch item failure: nothing filed, no multipart upload left open, staging untouched; when KMS is back the "
+     "next delivery files the session once, byte-exact")
+def inf_kms_down_assembler(h: Harness) -> None:
+    h.monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the Encryption SDK's KMS client: one retry, not four
+    chunks = staged(h, 2)
+    rule = h.inj.add("kms", "GenerateDataKey", kms_error("KMSInternalException", 500))
+    handled = h.deliver(1)
+    assert [failed for _, failed in handled] == [True]
+    assert rule.hits >= 2
+    h.inj.clear()
+    staging_intact(h, chunks)
+    assert h.multipart_uploads() == []
+    file_and_account(h, chunks)
+
+
+@row("INF-10", "infrastructure", "KMS ThrottlingException on the API's Decrypt of an inline log (twice)",
+     "retried; 200 with the log byte-exact")
+def inf_kms_throttled_api(h: Harness) -> None:
+    chunks = staged(h, 2)
+    file_and_account(h, chunks)
+    rule = h.inj.add("kms", "Decrypt", kms_error("ThrottlingException"), times=2)
+    status, body = h.api_json(f"/apps/{APP}/sessions/{chunks.session_id}/log")
+    assert status == 200, body
+    assert rule.hits == 2
+    h.assert_no_loss(h.account_staged(chunks, range(2), api_log(body), "as served inline by the API"))
+
+
+@row("INF-11", "infrastructure", "KMS KMSInternalException on every Decrypt while the API serves a log",
+     "503 unavailable with Retry-After (a key-service outage, not a tampered log), nothing released, no "
+     "access record for a view that did not happen")
+def inf_kms_down_api(h: Harness) -> None:
+    h.monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    chunks = staged(h, 1)
+    file_and_account(h, chunks)
+    h.inj.add("kms", "Decrypt", kms_error("KMSInternalException", 500))
+    status, headers, raw = h.api_get(f"/apps/{APP}/sessions/{chunks.session_id}/log")
+    assert status == 503, raw
+    assert json_body(raw)["error"] == "unavailable"
+    assert headers.get("Retry-After") == "5"
+    assert h.keys_under(keys.access_prefix(APP, chunks.session_id)) == []
+
+
+@row("INF-12", "infrastructure", "a read timeout in the middle of the multipart upload (UploadPart and "
+     "CompleteMultipartUpload each time out once)",
+     "the requests are retried; one log version, complete, byte-exact; no multipart upload left open")
+def inf_timeout_mid_upload(h: Harness) -> None:
+    chunks = staged(h, 3)
+    part = h.inj.add("s3", "UploadPart", timeout(), times=1)
+    done = h.inj.add("s3", "CompleteMultipartUpload", timeout(), times=1)
+    file_and_account(h, chunks)
+    assert (part.hits, done.hits) == (1, 1)
+    assert h.multipart_uploads() == []
+
+
+@row("INF-13", "infrastructure", "the assembler is killed (Lambda timeout: SIGKILL, no cleanup) while its "
+     "multipart upload is open",
+     "no log exists after the kill (a log is created only by the conditional completion); the redelivered "
+     "message files it once, byte-exact; the orphaned upload is left to the bucket's AbortIncompleteMultipartUpload "
+     "lifecycle rule")
+def inf_lambda_killed_mid_upload(h: Harness) -> None:
+    chunks = staged(h, 3)
+    sqs = client("sqs")
+    arn = sqs.get_queue_attributes(QueueUrl=h.stack.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    messages = h.queue_messages()
+    assert len(messages) == 1
+    event, ready = h.tmp / "event.json", h.tmp / "ready"
+    event.write_text(json.dumps(sqs_batch_event(messages, arn)))
+    child = subprocess.Popen([sys.executable, str(Path(__file__).with_name("assembler_child.py")), str(event),
+                              str(ready)], env={**h.stack.env(), "FAULT_HANG_ON": "UploadPart"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), f"the child never reached UploadPart (exit {child.poll()})"
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(10) == -signal.SIGKILL
+    assert len(h.multipart_uploads()) == 1  # what a killed Lambda leaves behind
+    assert not h.is_filed(APP, chunks.session_id)
+    staging_intact(h, chunks)
+    sqs.change_message_visibility(QueueUrl=h.stack.queue_url, ReceiptHandle=messages[0]["ReceiptHandle"],
+                                  VisibilityTimeout=0)  # the visibility timeout of the killed invocation ends
+    file_and_account(h, chunks)
+    assert "AbortIncompleteMultipartUpload" in TEMPLATE.read_text()
+
+
+@row("INF-14", "infrastructure", "the same closed.json event delivered twice, one delivery after the other",
+     "the second finds the log filed and finishes idempotently: one log version, one manifest, one index entry")
+def inf_sqs_duplicate(h: Harness) -> None:
+    chunks = staged(h, 2)
+    (message,) = h.queue_messages()
+    client("sqs").send_message(QueueUrl=h.stack.queue_url, MessageBody=message["Body"])
+    client("sqs").change_message_visibility(QueueUrl=h.stack.queue_url, ReceiptHandle=message["ReceiptHandle"],
+                                            VisibilityTimeout=0)
+    first, second = h.queue_messages()
+    handled = h.deliver(1, messages=[first]) + h.deliver(1, messages=[second])
+    assert [failed for _, failed in handled] == [False, False]
+    file_and_account(h, chunks, rounds=0)
+
+
+@row("INF-15", "infrastructure", "the same closed.json event handled by two assemblers at the same time (both "
+     "pass the 'already filed?' check together, then race to complete the upload)",
+     "one wins the If-None-Match completion, the other finds the log and finishes: one log version, one manifest, "
+     "one index entry, staging cleaned, both report success")
+def inf_sqs_concurrent(h: Harness) -> None:
+    from oneoff_audit.assemble import process_message
+
+    chunks = staged(h, 3)
+    (message,) = h.queue_messages()
+    body = json.loads(message["Body"])
+    barrier = threading.Barrier(2, timeout=30)
+    h.inj.add("s3", "HeadObject", lambda request: (barrier.wait(), None)[1], times=2, key="/logs/")
+    config = h.assembler_config()
+    results: list[Any] = [None, None]
+
+    def run(n: int) -> None:
+        try:
+            results[n] = process_message(config, body, 1)
+        except Exception as err:
+            results[n] = err
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(isinstance(r, list) and len(r) == 1 for r in results), results
+    assert results[0][0].log_version_id == results[1][0].log_version_id
+    client("sqs").delete_message(QueueUrl=h.stack.queue_url, ReceiptHandle=message["ReceiptHandle"])
+    file_and_account(h, chunks, rounds=0)
+
+
+def _crash_between(h: Harness, operation: str, key: str, after: int = 0) -> None:
+    chunks = staged(h, 3)
+    rule = h.inj.add("s3", operation, crash(f"{operation} {key}"), times=1, key=key, after=after)
+    handled = h.deliver(1)
+    assert [failed for _, failed in handled] == [True] and rule.hits == 1
+    assert isinstance(h.handler_errors[-1], SimulatedCrash)
+    h.inj.clear()
+    file_and_account(h, chunks)
+
+
+@row("INF-16", "infrastructure", "the assembler dies after the log is completed, before the manifest is written",
+     "the redelivery finds the log, writes the manifest, index entry and cleans up: nothing twice, nothing lost")
+def inf_crash_log_manifest(h: Harness) -> None:
+    _crash_between(h, "PutObject", "/manifests/")
+
+
+@row("INF-17", "infrastructure", "the assembler dies after the manifest and its signature, before the index entry",
+     "the redelivery rebuilds the same manifest (byte-identical, so write-once accepts it), writes the index "
+     "entry and cleans up")
+def inf_crash_manifest_index(h: Harness) -> None:
+    _crash_between(h, "PutObject", "/index/")
+
+
+@row("INF-18", "infrastructure", "the assembler dies after the index entry, before deleting staging",
+     "the redelivery finds log, manifest and index entry, and only cleans up: one index entry")
+def inf_crash_index_delete(h: Harness) -> None:
+    _crash_between(h, "DeleteObjects", "/", after=0)
+
+
+@row("INF-19", "infrastructure", "the assembler dies in the middle of the cleanup (chunks deleted, close marker "
+     "and header not yet)",
+     "the redelivery finishes the cleanup; the filed log still holds every byte")
+def inf_crash_mid_delete(h: Harness) -> None:
+    _crash_between(h, "DeleteObjects", "/", after=1)
