@@ -1,0 +1,343 @@
+"""From reads to chunks: events with time offsets, sealed by size or age, encoded in hash-chained order.
+
+:class:`Recorder` lives on the relay thread. Each read of a stream goes through that stream's
+:class:`~oneoff_audit.codec.Utf8Splitter` (a multi-byte character cut by a read, or by a chunk
+boundary, is written once and whole) and becomes ``[t, stream, data]`` events, serialized at once
+as JSON lines (:func:`~oneoff_audit.formats.dumps_line`). A chunk is sealed when it holds
+``chunk_bytes`` of data or its first event is ``chunk_seconds`` old, and goes to the
+:class:`ChunkWriter`.
+
+:class:`ChunkWriter` is a background thread: it numbers the sealed chunks, writes each header
+(``first_event_index``, ``prev_chunk_sha256`` of the previous chunk object) and gzips header and
+lines exactly as :func:`~oneoff_audit.formats.encode_chunk` does (same bytes; compression releases
+the GIL, so the relay keeps running), then hands the object to the uploader, which keeps it in
+memory or spools it. When neither is possible the chunk is dropped *before* it gets a sequence
+number (so numbering and hash chain stay gap-free) and its byte counts become a ``capture-gap``
+marker at the head of the next chunk that can be stored.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from oneoff_audit import formats, keys
+from oneoff_audit.codec import Utf8Splitter
+
+CHUNK_FORMAT = "oneoff-audit.chunk"
+STREAM_NAMES = ("i", "o", "e")
+WITHHELD = "input-withheld"
+CAPTURE_GAP = "capture-gap"
+GZIP_LEVEL = 6  # as formats.encode_chunk
+dumps_line = formats.dumps_line
+
+
+def _zero() -> dict[str, int]:
+    return dict.fromkeys(STREAM_NAMES, 0)
+
+
+_quote = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses for strings
+
+
+def event_line(t: float, stream: str, value: Any) -> bytes:
+    """``formats.dumps_line([t, stream, value])`` for a data event, without building an encoder per call.
+
+    The bytes are identical (tested): floats use ``float.__repr__`` as json does, strings the same
+    escaping; the relay thread calls this for every read, so it has to be cheap.
+    """
+    body = _quote(value) if type(value) is str else '{"b64":' + _quote(value["b64"]) + "}"
+    return f'[{float(t)!r},"{stream}",{body}]\n'.encode()
+
+
+def encode_chunk_lines(header: dict[str, Any], lines: list[bytes]) -> bytes:
+    """The chunk object for already serialized event lines: the bytes ``formats.encode_chunk`` makes."""
+    return gzip.compress(dumps_line(header) + b"".join(lines), compresslevel=GZIP_LEVEL, mtime=0)
+
+
+@dataclass
+class SealedChunk:
+    """The serialized events of one chunk, before numbering and encoding."""
+
+    lines: list[bytes]
+    data_bytes: dict[str, int]  # exact bytes per stream carried by these events
+    first_t: float
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.data_bytes.values())
+
+    @property
+    def event_count(self) -> int:
+        return len(self.lines)
+
+
+class Recorder:
+    """Turns reads into events and seals them into chunks (``sink`` receives each sealed chunk)."""
+
+    def __init__(
+        self,
+        sink: Callable[[SealedChunk], None],
+        *,
+        chunk_bytes: int,
+        chunk_seconds: float,
+        t0: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sink = sink
+        self.chunk_bytes = chunk_bytes
+        self.chunk_seconds = chunk_seconds
+        self.t0 = t0
+        self._clock = clock
+        self._splitters = {s: Utf8Splitter() for s in STREAM_NAMES}
+        self._lines: list[bytes] = []
+        self._withheld: list[Any] | None = None  # the last event while it may still grow
+        self._bytes = _zero()
+        self._size = 0
+        self._opened_at: float | None = None
+        self._first_t = 0.0
+        self.totals = _zero()  # bytes relayed per stream
+        self.withheld_bytes = 0
+
+    def _t(self, now: float) -> float:
+        return round(max(0.0, now - self.t0), 6)
+
+    def _open(self, now: float, t: float) -> None:
+        if self._opened_at is None:
+            self._opened_at = now
+            self._first_t = t
+
+    def _flush_withheld(self) -> None:
+        if self._withheld is not None:
+            self._lines.append(dumps_line(self._withheld))
+            self._withheld = None
+
+    def record(self, stream: str, data: bytes) -> None:
+        """Record one read of stream ``i``, ``o`` or ``e``."""
+        if not data:
+            return
+        self.totals[stream] += len(data)
+        splitter = self._splitters[stream]
+        held_before = splitter.held
+        values = splitter.feed(data)
+        if not values:
+            return
+        now = self._clock()
+        t = self._t(now)
+        self._open(now, t)
+        if self._withheld is not None:
+            self._flush_withheld()
+        lines = self._lines
+        for value in values:
+            lines.append(event_line(t, stream, value))
+        emitted = len(data) + held_before - splitter.held
+        self._bytes[stream] += emitted
+        self._size += emitted
+        if self._size >= self.chunk_bytes:
+            self.seal()
+
+    def _event(self, event: list[Any], now: float) -> None:
+        self._open(now, event[0])
+        self._flush_withheld()
+        self._lines.append(dumps_line(event))
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Record a terminal size (``r`` event, ``COLSxROWS``)."""
+        now = self._clock()
+        self._event([self._t(now), "r", f"{cols}x{rows}"], now)
+
+    def marker(self, data: dict[str, Any]) -> None:
+        """Record a marker (``m`` event); ``data`` has a ``kind``."""
+        now = self._clock()
+        self._event([self._t(now), "m", data], now)
+
+    def withheld(self, count: int) -> None:
+        """Note ``count`` typed bytes that were not recorded (echo off); consecutive ones share one marker."""
+        if count <= 0:
+            return
+        self.withheld_bytes += count
+        if self._withheld is not None:
+            self._withheld[2]["bytes"] += count
+            return
+        now = self._clock()
+        t = self._t(now)
+        self._open(now, t)
+        self._withheld = [t, "m", {"kind": WITHHELD, "bytes": count}]
+
+    def deadline(self) -> float | None:
+        """When the open chunk must be sealed by age (``None`` when it is empty)."""
+        return None if self._opened_at is None else self._opened_at + self.chunk_seconds
+
+    def tick(self, now: float | None = None) -> None:
+        """Seal the open chunk if it is old enough."""
+        opened = self._opened_at
+        if opened is not None and (self._clock() if now is None else now) >= opened + self.chunk_seconds:
+            self.seal()
+
+    def seal(self) -> None:
+        """Hand the open chunk to the sink (nothing happens when it is empty)."""
+        self._flush_withheld()
+        if not self._lines:
+            self._opened_at = None
+            return
+        chunk = SealedChunk(self._lines, self._bytes, self._first_t)
+        self._lines, self._bytes, self._size, self._opened_at = [], _zero(), 0, None
+        self._sink(chunk)
+
+    def finish(self) -> None:
+        """Release bytes held by the splitters (incomplete characters) and seal the last chunk."""
+        now = self._clock()
+        t = self._t(now)
+        for stream, splitter in self._splitters.items():
+            held = splitter.held
+            values = splitter.flush()
+            if values:
+                self._event([t, stream, values[0]], now)
+                for value in values[1:]:
+                    self._lines.append(event_line(t, stream, value))
+                self._bytes[stream] += held
+        self.seal()
+
+
+class ChunkStore(Protocol):
+    """Where encoded chunks go (the uploader): True when kept (memory or spool), False when lost."""
+
+    def submit(self, name: str, key: str, data: bytes, *, force_memory: bool = False) -> bool: ...
+
+
+@dataclass
+class ChunkTotals:
+    """What the chunk writer stored and lost, for the close marker."""
+
+    chunk_sha256: list[str] = field(default_factory=list)
+    event_count: int = 0
+    data_bytes: dict[str, int] = field(default_factory=_zero)
+    lost_bytes: int = 0
+    lost_streams: dict[str, int] = field(default_factory=_zero)
+    lost_events: int = 0
+    lost_chunks: int = 0
+
+
+@dataclass
+class _PendingGap:
+    t: float
+    streams: dict[str, int] = field(default_factory=_zero)
+    events: int = 0
+    reason: str = ""
+
+    def marker_line(self) -> bytes:
+        data = {"kind": CAPTURE_GAP, "bytes": sum(self.streams.values()), "streams": dict(self.streams),
+                "events": self.events, "reason": self.reason}
+        return dumps_line([self.t, "m", data])
+
+
+class ChunkWriter:
+    """Background encoder: numbers, chains and encodes sealed chunks, then stores them."""
+
+    def __init__(
+        self,
+        app: str,
+        session_id: str,
+        staging_prefix: str,
+        store: ChunkStore,
+        *,
+        on_lost: Callable[[int], None] | None = None,
+        on_stored: Callable[[], None] | None = None,
+        backlog: int = 2,
+    ) -> None:
+        self.app = app
+        self.session_id = session_id
+        self.staging_prefix = staging_prefix
+        self._store = store
+        self._on_lost = on_lost
+        self._on_stored = on_stored
+        self._queue: queue.Queue[SealedChunk | None] = queue.Queue(maxsize=backlog)
+        self._thread = threading.Thread(target=self._run, name="oneoff-audit-encoder", daemon=True)
+        self._prev: str | None = None
+        self._gap: _PendingGap | None = None
+        self.totals = ChunkTotals()
+        self.failure_reason = "S3 unavailable and the spool full or not writable"
+        self.error: BaseException | None = None
+
+    @property
+    def seq(self) -> int:
+        """The sequence number the next stored chunk gets."""
+        return len(self.totals.chunk_sha256)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, chunk: SealedChunk) -> None:
+        """Queue a sealed chunk (blocks only while encoding is behind: CPU, never S3)."""
+        self._queue.put(chunk)
+
+    def close(self) -> ChunkTotals:
+        """Encode what is queued, store a last gap marker if bytes were lost at the end; return totals."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._gap is not None:
+            # The last chunks were lost: say so in a chunk of its own (small, so kept in memory).
+            try:
+                self._write(SealedChunk([], _zero(), self._gap.t), force=True)
+            except Exception as err:
+                self.error = err
+        return self.totals
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            try:
+                self._write(chunk)
+            except Exception as err:  # a bug must not block the relay: count the chunk as lost, say why
+                self.error = err
+                self._lose(chunk, f"chunk could not be encoded: {err!r}")
+
+    def _write(self, chunk: SealedChunk, force: bool = False) -> None:
+        lines = chunk.lines
+        if self._gap is not None:
+            lines = [self._gap.marker_line(), *lines]
+        seq = self.seq
+        header = {
+            "format": CHUNK_FORMAT,
+            "version": 1,
+            "session_id": self.session_id,
+            "app": self.app,
+            "seq": seq,
+            "first_event_index": self.totals.event_count,
+            "prev_chunk_sha256": self._prev,
+        }
+        data = encode_chunk_lines(header, lines)
+        key = keys.chunk_key(self.app, self.session_id, seq, self.staging_prefix)
+        if self._store.submit(f"chunks/{seq:08d}.gz", key, data, force_memory=force):
+            digest = formats.sha256_hex(data)
+            self.totals.chunk_sha256.append(digest)
+            self._prev = digest
+            self.totals.event_count += len(lines)
+            for stream, count in chunk.data_bytes.items():
+                self.totals.data_bytes[stream] += count
+            if self._gap is not None:
+                self._gap = None
+                if self._on_stored is not None:
+                    self._on_stored()
+            return
+        self._lose(chunk, self.failure_reason)
+
+    def _lose(self, chunk: SealedChunk, reason: str) -> None:
+        if self._gap is None:
+            self._gap = _PendingGap(t=chunk.first_t, reason=reason)
+        for stream, count in chunk.data_bytes.items():
+            self._gap.streams[stream] += count
+            self.totals.lost_streams[stream] += count
+        self._gap.events += chunk.event_count
+        self.totals.lost_events += chunk.event_count
+        self.totals.lost_bytes += chunk.total_bytes
+        self.totals.lost_chunks += 1
+        if self._on_lost is not None:
+            self._on_lost(chunk.total_bytes)
