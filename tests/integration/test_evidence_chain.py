@@ -267,3 +267,36 @@ def test_oversized_signature_is_a_finding_not_a_crash(stack, chain, capsys):
     assert lines[0].startswith("manifest-edited manifests/app1/S1.json: signature was replaced (its sha256 is ")
     assert lines[0].endswith("; signature does not verify over the stored bytes "
                              f"(sha256 {signing.sha256_hex(_body(stack, 'manifests/app1/S1.json'))})")
+
+
+def test_writer_never_signs_a_digest_it_did_not_write(stack, chain, capsys):
+    forged = json.loads(_body(stack, dkey(11)))
+    forged.update(key=dkey(12), hour_start="2026-11-25T12:00:00.000000Z", hour_end="2026-11-25T13:00:00.000000Z",
+                  manifests=[], previous=None)  # pre-placed before the writer gets to hour 12
+    client("s3").put_object(Bucket=stack.bucket, Key=dkey(12), Body=signing.canonical_bytes(forged))
+    result = write_digests(_config(stack), now=at(4, 5))
+    assert result["apps"] == [{"app": APP, "written": [], "skipped": [], "behind": True,
+                               "error": f"{dkey(12)}: unsigned and not ours"}]
+    assert support.store_keys(stack.bucket, dkey(12)) == [dkey(12)]  # no signature was made for it
+    code, lines, _ = _cli(stack, capsys, now=at(4, 30))
+    assert code == 1
+    assert lines[0].startswith(f"chain-broken {dkey(12)}: starts a new chain (previous is null)")
+    assert lines[1].startswith(f"digest-edited {dkey(12)}: signature {dkey(12)}.sig is missing (not found and")
+
+
+def test_writer_completes_a_signature_its_previous_run_did_not_write(stack, chain, capsys):
+    sig = client("s3").head_object(Bucket=stack.bucket, Key=dkey(11) + ".sig")["VersionId"]
+    client("s3").delete_object(Bucket=stack.bucket, Key=dkey(11) + ".sig", VersionId=sig)  # as if it crashed
+    result = write_digests(_config(stack), now=at(4, 5))
+    assert result["apps"][0]["written"] == [dkey(12)] and "error" not in result["apps"][0]
+    assert _cli(stack, capsys, now=at(4, 30))[:2] == (0, [])
+
+
+def test_writer_refuses_to_sign_an_unsigned_edited_latest_digest(stack, chain):
+    doc = json.loads(_body(stack, dkey(11)))
+    doc["manifests"] = []
+    client("s3").put_object(Bucket=stack.bucket, Key=dkey(11), Body=signing.canonical_bytes(doc))
+    client("s3").delete_object(Bucket=stack.bucket, Key=dkey(11) + ".sig")
+    result = write_digests(_config(stack), now=at(4, 5))
+    assert result["apps"] == [{"app": APP, "written": [], "skipped": [], "behind": True,
+                               "error": f"{dkey(11)}: unsigned and not ours"}]

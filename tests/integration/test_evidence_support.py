@@ -78,3 +78,8 @@ def file_session(stack: Any, app: str, sid: str, filed_at: datetime, plaintext: 
     return filed
 
 
+
+
+def store_keys(bucket: str, prefix: str) -> list[str]:
+    """Current keys under ``prefix``."""
+    return [o["Key"] for o in client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]

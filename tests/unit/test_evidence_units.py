@@ -246,3 +246,14 @@ def test_a_kms_signature_that_does_not_verify_is_never_returned(monkeypatch):
                                         r"\(4097 bytes, MessageType DIGEST\)"):
         signing.sign(b"a" * (signing.KMS_RAW_MAX + 1), "k")
     assert calls[-1] == ("DIGEST", 32) and calls[0] == ("RAW", 4096)
+
+
+def test_same_as_ours_ignores_only_created_at():
+    from oneoff_audit.evidence.digest import _same_as_ours
+
+    ours = build_digest("app1", H9, [], None, H9 + timedelta(hours=1), KEY_ARN)
+    assert _same_as_ours(signing.canonical_bytes({**ours, "created_at": "2026-11-25T10:07:00.000000Z"}), ours)
+    assert not _same_as_ours(signing.canonical_bytes({**ours, "manifests": [{"key": "x"}]}), ours)
+    assert not _same_as_ours(json.dumps(ours).encode(), ours)  # same content, not canonical bytes
+    assert not _same_as_ours(b"[1, 2]", ours)
+    assert not _same_as_ours(b"\xff", ours)

@@ -19,6 +19,7 @@ from typing import Any
 
 from oneoff_audit import formats, keys
 from oneoff_audit.config import DigestConfig
+from oneoff_audit.errors import FormatError, OneoffAuditError
 from oneoff_audit.evidence import signing, store
 from oneoff_audit.evidence.manifest import signature_key, write_signature
 from oneoff_audit.ids import validate_app
@@ -171,24 +172,65 @@ def build_digest(app: str, hour: datetime, entries: list[dict[str, Any]], previo
     return formats.validate(doc, "digest", f"digest {doc['key']}")
 
 
+def _same_as_ours(stored: bytes, ours: dict[str, Any]) -> bool:
+    """True if ``stored`` is exactly the digest this function would write, up to its ``created_at``."""
+    try:
+        created_at = formats.parse_json(stored, "stored digest", MAX_DIGEST_BYTES).get("created_at")
+    except (FormatError, AttributeError):
+        return False
+    return isinstance(created_at, str) and stored == signing.canonical_bytes({**ours, "created_at": created_at})
+
+
+def _resume(config: DigestConfig, app: str, hour: datetime, key: str) -> DigestRef | None:
+    """Sign the latest digest if a run stopped between its two PUTs, but only if it is exactly ours.
+
+    "Ours" is rebuilt from the bucket, not from the stored document: the previous link must name
+    the signed digest before it (or be null when there is none) and the manifests must be the ones
+    written in that hour.
+    """
+    stored = store.get(config.bucket, key, max_bytes=MAX_DIGEST_BYTES)
+    if stored is None:
+        return None
+    earlier = [(h, k) for h, k in digest_keys(config.bucket, app) if h < hour]
+    previous = None
+    if earlier:
+        previous = load_ref(config.bucket, earlier[-1][1], earlier[-1][0])
+        if previous is None:
+            return None
+    grouped = manifests_by_hour(config.bucket, app, hour, hour + HOUR)
+    entries = [e for e in (manifest_entry(config.bucket, app, obj) for obj in grouped.get(hour, [])) if e is not None]
+    ours = build_digest(app, hour, entries, previous, hour, config.signing_key_id)
+    if not _same_as_ours(stored.body, ours):
+        return None
+    sig = write_signature(config.bucket, key, stored.body, config.signing_key_id)
+    logger.warning("signed %s, which a previous run wrote without its signature", key)
+    return DigestRef(key, hour, signing.sha256_hex(stored.body), sig["signature_sha256"])
+
+
 def write_app_digests(config: DigestConfig, app: str, now: datetime) -> dict[str, Any]:
-    """Write the digests of every full hour of ``app`` since its last digest; returns what was done."""
+    """Write the digests of every full hour of ``app`` since its last digest; returns what was done.
+
+    Never signs bytes it did not produce: an unsigned or pre-placed digest that differs from what
+    this function would write stops the app's chain with an ``error`` (verify-chain reports it).
+    """
     bucket = config.bucket
     cutoff = now - timedelta(seconds=config.settle_seconds)  # hours ending after this are not final yet
     last = latest_digest(bucket, app, now)
     previous: DigestRef | None = None
+    written: list[str] = []
+    skipped: list[str] = []
     if last is not None:
-        previous = load_ref(bucket, last[1], last[0])
+        previous = load_ref(bucket, last[1], last[0]) or _resume(config, app, last[0], last[1])
         if previous is None:
-            logger.error("digest %s or its signature vanished; not extending the chain of %s", last[1], app)
-            return {"app": app, "written": [], "skipped": [], "error": f"{last[1]} could not be read"}
+            logger.error("digest %s has no signature and is not one this function wrote; not extending the chain "
+                         "of %s", last[1], app)
+            return {"app": app, "written": written, "skipped": skipped, "behind": True,
+                    "error": f"{last[1]}: unsigned and not ours"}
         first = last[0] + HOUR
         grouped = manifests_by_hour(bucket, app, first, hour_floor(cutoff))
     else:
         grouped = manifests_by_hour(bucket, app, datetime.min.replace(tzinfo=UTC), hour_floor(cutoff))
         first = min(grouped) if grouped else hour_floor(cutoff) - HOUR
-    written: list[str] = []
-    skipped: list[str] = []
     hour = first
     while hour + HOUR <= cutoff and len(written) + len(skipped) < config.max_hours_per_run:
         key = keys.digest_key(app, hour)
@@ -202,10 +244,13 @@ def write_app_digests(config: DigestConfig, app: str, now: datetime) -> dict[str
         doc = build_digest(app, hour, entries, previous, now, config.signing_key_id)
         data = signing.canonical_bytes(doc)
         created, _ = store.put_if_absent(bucket, key, data)
-        if not created:  # a concurrent run wrote this hour: chain on from what is stored
+        if not created:  # someone wrote this hour first: chain on only if it is exactly what we would write
             stored = store.get(bucket, key, max_bytes=MAX_DIGEST_BYTES)
-            if stored is None:
-                raise RuntimeError(f"{key} exists and vanished")
+            if stored is None or not _same_as_ours(stored.body, doc):
+                logger.error("digest %s already exists with content this function did not write; not signing it",
+                             key)
+                return {"app": app, "written": written, "skipped": skipped, "behind": True,
+                        "error": f"{key}: already exists and is not ours"}
             data = stored.body
         sig = write_signature(bucket, key, data, config.signing_key_id)
         previous = DigestRef(key, hour, signing.sha256_hex(data), sig["signature_sha256"])
@@ -219,6 +264,12 @@ def write_app_digests(config: DigestConfig, app: str, now: datetime) -> dict[str
 def write_digests(config: DigestConfig, now: datetime | None = None, apps: list[str] | None = None) -> dict[str, Any]:
     """The scheduled job: extend every app's digest chain up to the last full hour."""
     now = (now or formats.utc_now()).astimezone(UTC)
-    results = [write_app_digests(config, app, now) for app in (apps if apps is not None else list_apps(config.bucket))]
+    results = []
+    for app in apps if apps is not None else list_apps(config.bucket):
+        try:
+            results.append(write_app_digests(config, app, now))
+        except OneoffAuditError as err:  # one app's chain needs attention; the others go on
+            logger.error("digest chain of %s stopped: %s", app, err)
+            results.append({"app": app, "written": [], "skipped": [], "behind": True, "error": str(err)})
     return {"now": formats.format_time(now), "apps": results,
             "written": sum(len(r["written"]) for r in results)}
