@@ -9,6 +9,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from oneoff_audit.config import DigestConfig
+from oneoff_audit.errors import IntegrityError
 from oneoff_audit.evidence.digest import write_digests
 
 logger = Logger()
@@ -30,4 +31,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         if app["skipped"] or app.get("error") or app.get("behind"):
             logger.error("digest chain needs attention", extra=app)
     logger.info("digests written", extra={"written": result["written"], "apps": len(result["apps"])})
+    stopped = [app["app"] for app in result["apps"] if app.get("error")]
+    if stopped:  # fail the invocation so the Errors alarm fires; the other apps' digests are written
+        raise IntegrityError(f"digest chain stopped for {', '.join(stopped)} (see the log)")
     return result
