@@ -17,6 +17,7 @@ from oneoff_audit.assemble import assemble_session
 from oneoff_audit.aws import client
 from oneoff_audit.cli import main
 from oneoff_audit.config import AssemblerConfig, DigestConfig
+from oneoff_audit.errors import IntegrityError
 from oneoff_audit.evidence import signing
 from oneoff_audit.evidence.digest import write_digests
 
@@ -95,3 +96,11 @@ def test_digest_handler_runs_on_the_scheduled_event(stack, s3_clock, lambda_cont
     assert written[0] == f"digests/{APP}/2026/11/25/09.json" and result["written"] == len(written)
     assert json.loads(client("s3").get_object(Bucket=stack.bucket, Key=written[0])["Body"].read())["manifests"][0][
         "session_id"] == "H1"
+
+    # An app whose latest digest is unsigned and not the function's own: the invocation fails (Errors alarm)
+    # after the other apps' digests are written.
+    support.file_session(stack, "other", "O1", T0)
+    client("s3").put_object(Bucket=stack.bucket, Key="digests/other/2026/11/25/08.json", Body=b"{}")
+    s3_clock.set(datetime.now(UTC))
+    with pytest.raises(IntegrityError, match=r"digest chain stopped for other \(see the log\)"):
+        module.lambda_handler(event, lambda_context)
