@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from oneoff_audit import keys
 from oneoff_audit.aws import client
@@ -99,16 +100,20 @@ def _wait_filed(stack, session_id: str, timeout: float = 40) -> None:
 
 
 @pytest.fixture(scope="module")
-def recorded(moto_endpoint) -> Iterator[Recorded]:
-    """The embedded stack on the shared moto server, with a small and a big session filed."""
+def recorded() -> Iterator[Recorded]:
+    """The embedded stack (`oneoff-audit local`, its own moto server), with a small and a big session filed.
+
+    The stack gets a moto server of its own (s3_port=0): `local.start` cannot attach to the session's
+    shared one (moto's server thread fails to bind the busy port and `start()` waits forever).
+    """
     from oneoff_audit import local
+    from oneoff_audit.aws import reset_clients
 
     if not (STATIC / "vendor" / "asciinema-player.min.js").is_file():
         pytest.fail("the vendored player is missing: run `make setup` (it installs asciinema-player from npm)")
     saved = dict(os.environ)
     restricted = "restricted-" + new_session_id().lower()
-    port = int(moto_endpoint.rsplit(":", 1)[1])
-    stack = local.start(port=0, s3_port=port, bucket=f"dash-{new_session_id().lower()}",
+    stack = local.start(port=0, s3_port=0, bucket=f"dash-{new_session_id().lower()}",
                         tokens={restricted: {"sub": "u-other", "name": "Other team", "custom:audit_apps": OTHER_APP}})
     try:
         small = _record(stack, SMALL_PROGRAM, SMALL_INPUT, "Dana Small")
@@ -120,6 +125,7 @@ def recorded(moto_endpoint) -> Iterator[Recorded]:
         stack.stop()
         os.environ.clear()
         os.environ.update(saved)
+        reset_clients()
 
 
 @pytest.fixture(scope="module")
@@ -182,30 +188,41 @@ def test_timeline_lists_the_recorded_sessions_newest_first(recorded, page):
     # the status filter is applied by the API
     page.select_option("#f-status", "failed")
     page.click("#filters button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#timeline-rows tr').length === 1")
+    expect(rows).to_have_count(1)
     assert rows.first.get_attribute("data-session") == recorded.big
     page.click("#filters button[type=reset]")
-    page.wait_for_function("document.querySelectorAll('#timeline-rows tr').length === 2")
+    expect(rows).to_have_count(2)
     BUILD.mkdir(exist_ok=True)
     page.screenshot(path=str(BUILD / "dashboard-timeline.png"), full_page=True)
+    # a phone-sized window: rows become cards, nothing wider than the screen
+    page.set_viewport_size({"width": 360, "height": 780})
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 360
+    assert small.locator("td[data-label=Status]").is_visible()
+    page.screenshot(path=str(BUILD / "dashboard-narrow.png"), full_page=True)
 
 
 def test_small_session_shows_its_output_and_replays(recorded, page):
     stack = recorded.stack
-    _goto(page, stack, f"/apps/{APP}/sessions/{recorded.small}")
+    _goto(page, stack, f"/apps/{APP}")
+    # keyboard only: the row's link takes focus and Enter opens the session, whose heading gets focus
+    link = page.locator(f"#timeline-rows tr[data-session='{recorded.small}'] a")
+    link.focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#session-title")).to_be_focused()
     page.wait_for_selector("#log-inline:not([hidden])")
     transcript = page.locator("#transcript")
     assert "hello from the dashboard test\nyou typed: select 1;\ncafé € done\n" in transcript.inner_text()
-    assert transcript.locator("span.e").inner_text() == "a warning on stderr\n"
-    assert transcript.locator("span.i").inner_text() == "select 1;↵"  # stdin, marked apart from output
+    assert transcript.locator("span.e").text_content() == "a warning on stderr\n"
+    assert transcript.locator("span.i").text_content() == "select 1;↵\n"  # stdin, marked apart from output
     assert page.locator("#input-list .typed").all_inner_texts() == ["select 1;↵"]
     assert page.locator("#integrity-summary").inner_text().startswith("Complete:")
     assert "Dana Small (dana.small)" in page.locator("#meta").inner_text()
     # replay at 16x: the terminal shows the output
     page.select_option("#speed", "16")
     page.click("#player .ap-playback-button")
-    page.wait_for_function("document.querySelector('#player .ap-term-text').textContent.includes('café € done')")
-    screen = page.locator("#player .ap-term-text").inner_text()
+    screen = page.locator("#player .ap-term-text")
+    expect(screen).to_contain_text("café € done")
+    screen = screen.inner_text()
     assert "hello from the dashboard test" in screen
     assert "you typed: select 1;" in screen
     page.screenshot(path=str(BUILD / "dashboard-replay.png"), full_page=True)
@@ -226,9 +243,10 @@ def test_big_session_offers_a_download_that_returns_the_stored_file(recorded, pa
     facts = page.locator("#download-facts").inner_text()
     assert hashlib.sha256(stored).hexdigest() in facts
     assert f"{len(stored)} bytes (encrypted)" in facts
+    _, details = _api(stack, f"/apps/{APP}/sessions/{recorded.big}")
     assert page.locator("#decrypt-command").inner_text() == (
-        f"oneoff-audit decrypt {recorded.big}.jsonl.enc -o {recorded.big}.jsonl\n"
-        f"oneoff-audit verify {recorded.big}.jsonl")
+        f"oneoff-audit decrypt {recorded.big}.jsonl.enc -o {recorded.big}.jsonl --app {APP} --session {recorded.big}\n"
+        f"oneoff-audit verify {recorded.big}.jsonl --sha256 {details['integrity']['plaintext_sha256']}")
     assert page.locator("#download-expiry").inner_text().startswith("link valid for")
 
 

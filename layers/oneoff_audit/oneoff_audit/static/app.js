@@ -149,6 +149,7 @@
     return "'" + d.replace(/'/g, "'\\''") + "'";
   }
   function argvText(argv) { return (argv || []).map(shellWord).join(" "); }
+  function clip(text, max) { return text.length > max ? text.slice(0, max - 1) + "…" : text; }
 
   function statusBadges(status, complete) {
     var out = [];
@@ -401,8 +402,9 @@
     });
   }
 
+  /** A timeline cell; its content in one box so a narrow window can lay it out beside its label. */
   function cell(label, children, cls) {
-    return el("td", { "data-label": label, class: cls || "" }, children);
+    return el("td", { "data-label": label, class: cls || "" }, [el("div", { class: "cell" }, children)]);
   }
 
   function timelineRow(app, s) {
@@ -423,7 +425,7 @@
           .filter(Boolean).join(" · ") }),
       ]),
       cell("Command", [
-        el("code", { text: argvText(command.argv) }),
+        el("code", { text: clip(argvText(command.argv), 120), title: argvText(command.argv) }),
         el("span", { class: "sub", text: command.tty ? "interactive (TTY)" : "no TTY" }),
       ], "cmd"),
       cell("Target", targets.length ? targets : ["—"]),
@@ -529,7 +531,10 @@
       ["Source IP", actor.source_ip],
       ["Command", el("code", { text: argvText(command.argv) })],
       ["Terminal", command.tty ? "interactive (TTY)" + (size ? ", " + size.cols + "×" + size.rows : "") : "no TTY"],
-      ["Environment keys", (command.env_keys || []).length ? command.env_keys.join(" ") : null],
+      ["Environment keys", (command.env_keys || []).length ? el("details", null, [
+        el("summary", { text: command.env_keys.length + " variable names (values are never recorded)" }),
+        el("p", { class: "env-keys", text: command.env_keys.join(" ") }),
+      ]) : "none"],
       ["App", h.app || r.app],
       ["Target", Object.keys(target).sort().map(function (k) { return k + "=" + target[k]; }).join("  ") || null],
       ["Started", fmtTime(pick(h.started_at, e.started_at)) + " UTC"],
@@ -625,11 +630,19 @@
     var tty = command.tty !== false;
     var size = command.term_size || {};
     var events = log.events.filter(function (e) { return Array.isArray(e) && e.length >= 3; });
+    var rows = size.rows > 0 ? size.rows : 0;
+    if (!rows) {  // no terminal: as many rows as the output has lines, 4 to 24
+      var lines = 1;
+      events.forEach(function (e) {
+        if ((e[1] === "o" || e[1] === "e") && typeof e[2] === "string") lines += (e[2].match(/\n/g) || []).length;
+      });
+      rows = Math.min(24, Math.max(4, lines + 1));
+    }
     return {
       header: header,
       tty: tty,
       cols: size.cols > 0 ? size.cols : 80,
-      rows: size.rows > 0 ? size.rows : 24,
+      rows: rows,
       events: events,
       started: Date.parse(header.started_at),
     };
@@ -724,6 +737,7 @@
     }
     disposePlayer();
     var m = currentMap();
+    $("player").style.maxWidth = Math.max(36, state.replay.cols * 0.72) + "rem";
     state.player = window.AsciinemaPlayer.create({ data: m.cast }, $("player"), {
       speed: Number($("speed").value) || 1,
       startAt: startAt || 0,
@@ -732,6 +746,7 @@
       controls: true,
       keystrokeOverlay: true,
       terminalFontSize: "small",
+      terminalLineHeight: 1.4,
     });
     var p = state.player;
     state.playing = !!autoPlay;
@@ -811,6 +826,7 @@
     var frag = document.createDocumentFragment();
     pieces.forEach(function (p) {
       var s = p[0], text = s === "i" ? keysVisible(p[1]) : s === "m" ? p[1] : plain(p[1]);
+      if (s === "i" && !rp.tty && /[\r\n]$/.test(p[1])) text += "\n";
       if (!text) return;
       var title = { i: "stdin (typed)", o: "stdout", e: "stderr", m: "note" }[s];
       frag.appendChild(el("span", { class: s, title: title, text: text }));
@@ -860,10 +876,13 @@
     if (d.expires_in) { tick(); every(tick, 1000); }
   }
 
+  /** The auditor CLI's commands for the downloaded file: decrypt (bound to this app and session), then verify. */
   function decryptCommand(r, file) {
     var out = file.replace(/\.enc$/, "");
-    return "oneoff-audit decrypt " + shellWord(file) + " -o " + shellWord(out) + "\n" +
-      "oneoff-audit verify " + shellWord(out);
+    var sha = state.details && state.details.integrity.plaintext_sha256;
+    return "oneoff-audit decrypt " + shellWord(file) + " -o " + shellWord(out) + " --app " + shellWord(r.app) +
+      " --session " + shellWord(r.session) + "\n" +
+      "oneoff-audit verify " + shellWord(out) + (sha ? " --sha256 " + sha : "");
   }
 
   /* ---------- wiring ---------- */
