@@ -8,6 +8,8 @@ staged intact, against what the filed log holds. Row ids are referenced by docs/
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import signal
 import subprocess
@@ -18,12 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import helpers_staging as hs
+import pytest
 from faultkit import Filed, Harness, SimulatedCrash, crash, kms_error, s3_error, timeout
 
-from oneoff_audit import keys
+from oneoff_audit import formats, keys
 from oneoff_audit.aws import client
+from oneoff_audit.codec import decode_data
+from oneoff_audit.errors import OneoffAuditError
 from oneoff_audit.ids import new_session_id
 from oneoff_audit.local import sqs_batch_event
 
@@ -387,3 +393,215 @@ def inf_crash_index_delete(h: Harness) -> None:
      "the redelivery finishes the cleanup; the filed log still holds every byte")
 def inf_crash_mid_delete(h: Harness) -> None:
     _crash_between(h, "DeleteObjects", "/", after=1)
+
+
+# ================================================================ hostile runner input
+
+def rechain(chunks: hs.StagedChunks, seq: int, blob: bytes | None = None, **header: Any) -> hs.StagedChunks:
+    """A copy of ``chunks`` whose chunk ``seq`` is ``blob`` or has a forged header, the rest re-chained after it.
+
+    Only that one lie remains: every later chunk names the hash of the object before it, as a runner
+    that wrote the lie itself would do.
+    """
+    forged = hs.StagedChunks(chunks.app, chunks.session_id, chunks.batches, list(chunks.blobs))
+    if blob is not None:
+        forged.blobs[seq] = blob
+    for n in range(seq + (blob is not None), len(forged.blobs)):
+        prev = formats.sha256_hex(forged.blobs[n - 1]) if n else None
+        first = sum(len(b) for b in forged.batches[:n])
+        values = hs.chunk_header(chunks.app, chunks.session_id, n, first, prev)
+        if n == seq:
+            values.update(header)
+        forged.blobs[n] = formats.encode_chunk(values, forged.batches[n])
+    return forged
+
+
+def filed_incomplete(h: Harness, chunks: hs.StagedChunks, intact: set[int], *, missing: tuple[int, ...] = (),
+                     corrupt: dict[int, str] | None = None, first_is_retry: bool = True) -> Filed:
+    """First delivery: retry later (gaps may still fill), staging untouched; last attempt: filed incomplete."""
+    first = h.deliver(1)
+    assert [failed for _, failed in first] == [first_is_retry], first
+    if first_is_retry:
+        assert not h.is_filed(chunks.app, chunks.session_id)
+    h.deliver(1)
+    filed = h.filed(chunks.app, chunks.session_id)
+    gaps = filed.trailer["gaps"]
+    assert filed.trailer["complete"] is False
+    assert gaps["missing"] == list(missing), gaps
+    assert {g["seq"]: g["reason"] for g in gaps["corrupt"]} == (corrupt or {}), gaps
+    h.assert_no_loss(h.account_staged(chunks, intact, filed))
+    assert [d["seq"] for d in filed.markers("gap")] == sorted([*missing, *(corrupt or {})])
+    return filed
+
+
+def preserved(filed: Filed, seq: int, blob: bytes) -> None:
+    """A corrupt chunk's object bytes are kept in the log as gap-data markers, never as events."""
+    data = b"".join(decode_data(d["data"]) for d in filed.markers("gap-data") if d["seq"] == seq)
+    assert data == blob
+
+
+def refused(h: Harness, app: str, sid: str, text: str) -> None:
+    """The session's message fails with an error naming the problem; nothing is filed."""
+    from oneoff_audit.assemble import assemble_session
+
+    with pytest.raises(OneoffAuditError) as err:
+        assemble_session(h.assembler_config(), app, sid)
+    assert text in str(err.value), str(err.value)
+    handled = h.deliver(8)  # every receive fails, until the redrive policy moves the message away
+    assert handled and all(failed for _, failed in handled), handled
+    assert h.queue_messages() == []
+    dead = h.queue_messages(h.stack.dlq_url)
+    assert [json.loads(m["Body"])["Records"][0]["s3"]["object"]["key"] for m in dead] == \
+        [quote(keys.closed_key(app, sid), safe="")]
+    assert not h.is_filed(app, sid)
+
+
+@row("HRI-01", "hostile-runner", "a runner (any app: the runner policy allows all of staging/) plants an extra "
+     "chunk object in another app's live session, past the close marker's chunk count",
+     "filed complete: false with gaps.corrupt [{seq: 3, reason: unexpected-chunk}]; every genuine byte is in the log; "
+     "the planted bytes appear only as gap-data evidence, never as events")
+def hri_plant_in_other_app(h: Harness) -> None:
+    chunks = staged(h, 3)
+    planted = formats.encode_chunk(hs.chunk_header(OTHER_APP, "ATTACKER", 3, 0, None),
+                                   hs.output_events([b"rm -rf /\r\n"]))
+    h.put(keys.chunk_key(APP, chunks.session_id, 3), planted)
+    filed = filed_incomplete(h, chunks, {0, 1, 2}, corrupt={3: "unexpected-chunk"}, first_is_retry=True)
+    preserved(filed, 3, planted)
+
+
+@row("HRI-02", "hostile-runner", "a chunk whose header names another session (forged session id), otherwise "
+     "valid and listed with its true SHA-256 in the close marker",
+     "filed complete: false with gaps.corrupt [{seq: 1, reason: wrong-session}]; its bytes are not taken as events")
+def hri_forged_session_id(h: Harness) -> None:
+    chunks = rechain(hs.build_chunks(APP, new_session_id(), session_batches(3)), 1, session_id="01OTHERSESSION")
+    hs.stage(h.bucket, chunks)
+    filed = filed_incomplete(h, chunks, {0, 2}, corrupt={1: "wrong-session"})
+    preserved(filed, 1, chunks.blobs[1])
+
+
+@row("HRI-03", "hostile-runner", "a replayed old chunk: chunk 0 of an earlier, filed session of the same app "
+     "PUT over chunk 1 of a live session",
+     "the close marker's SHA-256 does not match: retry later, then filed complete: false with gaps.corrupt "
+     "[{seq: 1, reason: sha256-mismatch}]; the genuine chunk 1 stays as a noncurrent object version")
+def hri_replayed_chunk(h: Harness) -> None:
+    old = staged(h, 1, seed=7)
+    h.deliver(1)
+    assert h.is_filed(APP, old.session_id)
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(3))
+    hs.stage(h.bucket, chunks, replace={1: old.blobs[0]})
+    filed = filed_incomplete(h, chunks, {0, 2}, corrupt={1: "sha256-mismatch"})
+    preserved(filed, 1, old.blobs[0])
+
+
+@row("HRI-04", "hostile-runner", "chunk objects 1 and 2 swapped (reordered sequence numbers)",
+     "filed complete: false with gaps.corrupt [{1: sha256-mismatch}, {2: sha256-mismatch}]; chunk 0 intact")
+def hri_reordered(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(3))
+    hs.stage(h.bucket, chunks, replace={1: chunks.blobs[2], 2: chunks.blobs[1]})
+    filed_incomplete(h, chunks, {0}, corrupt={1: "sha256-mismatch", 2: "sha256-mismatch"})
+
+
+@row("HRI-05", "hostile-runner", "a duplicated sequence number: the runner's own close marker lists chunk 1's "
+     "object twice, as chunk 1 and as chunk 2 (header seq 1 under key seq 2)",
+     "filed complete: false with gaps.corrupt [{seq: 2, reason: wrong-seq}]: no event is filed twice")
+def hri_duplicated_seq(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(3))
+    duplicated = hs.StagedChunks(APP, chunks.session_id, chunks.batches, [chunks.blobs[0], chunks.blobs[1],
+                                                                         chunks.blobs[1]])
+    hs.stage(h.bucket, duplicated)
+    filed_incomplete(h, chunks, {0, 1}, corrupt={2: "wrong-seq"})
+
+
+@row("HRI-06", "hostile-runner", "a close marker that lies about chunk 1's SHA-256 (every chunk genuine)",
+     "first delivery: retry later, staging untouched; last attempt: filed complete: false with gaps.corrupt "
+     "[{seq: 1, reason: sha256-mismatch}, {seq: 2, reason: broken-chain}] (chunk 2 links to the object, not to the "
+     "marker's digest: the evidence conflicts), both preserved as gap-data")
+def hri_lying_digest(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(3))
+    marker = hs.close_marker(chunks)
+    marker["chunk_sha256"][1] = "0" * 64
+    hs.stage(h.bucket, chunks, closed=marker)
+    filed = filed_incomplete(h, chunks, {0}, corrupt={1: "sha256-mismatch", 2: "broken-chain"})
+    preserved(filed, 1, chunks.blobs[1])
+    preserved(filed, 2, chunks.blobs[2])
+
+
+@row("HRI-07", "hostile-runner", "a close marker that lies about the chunk count (5 chunks listed, 3 staged)",
+     "filed complete: false with gaps.missing [3, 4] and expected_chunk_count 5")
+def hri_lying_count(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(3))
+    marker = hs.close_marker(chunks)
+    marker["chunk_count"] = 5
+    marker["chunk_sha256"] += ["1" * 64, "2" * 64]
+    hs.stage(h.bucket, chunks, closed=marker)
+    filed = filed_incomplete(h, chunks, {0, 1, 2}, missing=[3, 4])
+    assert filed.trailer["expected_chunk_count"] == 5
+
+
+@row("HRI-08", "hostile-runner", "a chunk holding one JSON line of 1.5 MiB (over the 1 MiB line cap)",
+     "filed complete: false with gaps.corrupt [{seq: 1, reason: oversized-line}]; the line is not parsed")
+def hri_giant_line(h: Harness) -> None:
+    batches = session_batches(3)
+    batches[1] = [[0.5, "o", "x" * (3 << 19)]]
+    chunks = hs.build_chunks(APP, new_session_id(), batches)
+    hs.stage(h.bucket, chunks)
+    filed = filed_incomplete(h, chunks, {0, 2}, corrupt={1: "oversized-line"})
+    preserved(filed, 1, chunks.blobs[1])
+
+
+@row("HRI-09", "hostile-runner", "deeply nested JSON: opened.json whose target nests 5000 levels, and a chunk "
+     "event nesting 100 levels",
+     "the header is refused with 'nested deeper than 32 levels' (every delivery fails, the redrive policy moves "
+     "the message to the dead-letter queue, nothing filed); the nested event alone makes its chunk corrupt "
+     "(invalid-json)")
+def hri_deep_json(h: Harness) -> None:
+    sid = new_session_id()
+    hs.stage(h.bucket, hs.build_chunks(APP, sid, session_batches(1)))
+    h.put(keys.opened_key(APP, sid), b'{"format":"oneoff-audit.session","target":' + b"[" * 5000 + b"]" * 5000 + b"}")
+    refused(h, APP, sid, "nested deeper than 32 levels")
+    nested = {"kind": "note", "v": json.loads("[" * 100 + "]" * 100)}
+    deep = hs.build_chunks(APP, new_session_id(), [session_batches(1)[0], [[1.0, "m", nested]]])
+    hs.stage(h.bucket, deep)
+    filed_incomplete(h, deep, {0}, corrupt={1: "invalid-json"})
+
+
+@row("HRI-10", "hostile-runner", "invalid UTF-8 in metadata: opened.json whose actor name holds the bytes FF FE",
+     "refused with 'not valid UTF-8 at byte N' naming opened.json; nothing filed; the message is dead-lettered")
+def hri_bad_utf8_metadata(h: Harness) -> None:
+    sid = new_session_id()
+    chunks = hs.build_chunks(APP, sid, session_batches(1))
+    hs.stage(h.bucket, chunks)
+    raw = json.dumps(hs.session_header(APP, sid)).encode().replace(b'"Ada"', b'"Ad\xff\xfe"')
+    h.put(keys.opened_key(APP, sid), raw)
+    refused(h, APP, sid, f"not valid UTF-8 at byte {raw.index(bytes([0xFF]))}")
+
+
+_BOMB: dict[str, bytes] = {}
+
+
+def gzip_bomb(app: str, session_id: str, seq: int, prev: str, first_event_index: int) -> bytes:
+    """A well-formed chunk that inflates past the 64 MiB cap (65 event lines of 1 MiB zeros: ~70 KB of gzip)."""
+    key = f"{app}/{session_id}/{seq}/{prev}/{first_event_index}"
+    if key not in _BOMB:
+        body = io.BytesIO()
+        with gzip.GzipFile(fileobj=body, mode="wb", compresslevel=6, mtime=0) as gz:
+            gz.write(formats.dumps_line(hs.chunk_header(app, session_id, seq, first_event_index, prev)))
+            line = b'[0,"o","' + b"0" * ((1 << 20) - 16) + b'"]\n'
+            for _ in range(65):
+                gz.write(line)
+        _BOMB[key] = body.getvalue()
+    return _BOMB[key]
+
+
+@row("HRI-11", "hostile-runner", "a gzip bomb as chunk 1: a well-formed chunk of 65 one-MiB event lines (about "
+     "70 KB of gzip), chained and listed with its true SHA-256",
+     "decompression stops at the 64 MiB cap: filed complete: false with gaps.corrupt [{seq: 1, reason: gzip-bomb}], "
+     "its object preserved as gap-data, chunks 0 and 2 intact")
+def hri_gzip_bomb(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(3))
+    bomb = gzip_bomb(APP, chunks.session_id, 1, formats.sha256_hex(chunks.blobs[0]), len(chunks.batches[0]))
+    assert len(bomb) < 256 << 10
+    chunks = rechain(chunks, 1, blob=bomb)
+    hs.stage(h.bucket, chunks)
+    filed = filed_incomplete(h, chunks, {0, 2}, corrupt={1: "gzip-bomb"})
+    preserved(filed, 1, bomb)
