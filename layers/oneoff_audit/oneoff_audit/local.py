@@ -275,6 +275,9 @@ def start(
     stoppers: list[Callable[[], None]] = []
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
     moto.start()
+    from oneoff_audit.evidence.moto_compat import honour_kms_digest_messages
+
+    honour_kms_digest_messages()  # moto signs DIGEST messages like AWS does (large digests)
     stoppers.append(moto.stop)
     host, bound = moto.get_host_and_port()
     endpoint = f"http://{host}:{bound}"
