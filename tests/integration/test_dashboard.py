@@ -39,6 +39,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 APP = "dash-app"
 OTHER_APP = "other-app"
+LIVE_APP = "dash-live"  # the still-running session: kept off APP's timeline, which the first test lists
 WAIT_MS = 15_000
 
 SMALL_PROGRAM = r"""
@@ -228,7 +229,7 @@ def test_small_session_shows_its_output_and_replays(recorded, page):
     page.screenshot(path=str(BUILD / "dashboard-replay.png"), full_page=True)
 
 
-def test_big_session_offers_a_download_that_returns_the_stored_file(recorded, page):
+def test_big_session_offers_a_download_that_returns_the_stored_file(recorded, page, tmp_path):
     stack = recorded.stack
     _goto(page, stack, f"/apps/{APP}/sessions/{recorded.big}")
     link = page.locator("#download-link")
@@ -248,6 +249,43 @@ def test_big_session_offers_a_download_that_returns_the_stored_file(recorded, pa
         f"oneoff-audit decrypt {recorded.big}.jsonl.enc -o {recorded.big}.jsonl --app {APP} --session {recorded.big}\n"
         f"oneoff-audit verify {recorded.big}.jsonl --sha256 {details['integrity']['plaintext_sha256']}")
     assert page.locator("#download-expiry").inner_text().startswith("link valid for")
+    # the commands shown are the ones to run: they decrypt and verify the downloaded file
+    (tmp_path / f"{recorded.big}.jsonl.enc").write_bytes(downloaded)
+    run = subprocess.run(["bash", "-e", "-c", page.locator("#decrypt-command").inner_text()], cwd=tmp_path,
+                         env={**os.environ, **stack.env(), "PATH": f"{Path(CLI).parent}:{os.environ['PATH']}"},
+                         capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr.decode("utf-8", "replace")
+    plaintext = (tmp_path / f"{recorded.big}.jsonl").read_bytes()
+    assert hashlib.sha256(plaintext).hexdigest() == details["integrity"]["plaintext_sha256"]
+
+
+def test_running_session_is_shown_as_recording_until_it_is_filed(recorded, page):
+    stack = recorded.stack
+    session_id = new_session_id()
+    proc = subprocess.Popen(
+        [CLI, "record", "--app", LIVE_APP, "--actor-id", "late.runner", "--tty", "never", "--session-id", session_id,
+         "--", sys.executable, "-c", "import sys; print('started', flush=True); sys.stdin.read(); print('finished')"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **stack.env()},
+    )
+    try:
+        assert proc.stdout.readline() == b"started\n"
+        deadline = time.monotonic() + 15
+        while _api(stack, f"/apps/{LIVE_APP}/sessions/{session_id}") != (202, {"status": "recording"}):
+            assert time.monotonic() < deadline, "the session never showed up as recording"
+            time.sleep(0.1)
+        _goto(page, stack, f"/apps/{LIVE_APP}/sessions/{session_id}")
+        pending = page.locator("#session-problem .problem[data-problem='202']")
+        pending.wait_for()
+        assert pending.locator("h2").inner_text() == "Still recording"
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+        # the page checks again by itself and shows the filed session
+        expect(page.locator("#transcript")).to_contain_text("started\nfinished", timeout=30_000)
+        assert page.locator("#session-problem").inner_text() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_token_for_another_app_sees_the_denial(recorded, page):
