@@ -253,7 +253,10 @@ class Injector:
                 if not rule.matches(service, operation, request):
                     continue
                 rule.seen += 1
-                rule.requests.append(f"{operation} {unquote(urlsplit(request.url).path)}")
+                body = request.body if isinstance(request.body, bytes) and len(request.body) < 65536 else b""
+                url = urlsplit(request.url)
+                rule.requests.append(f"{operation} {unquote(url.path)}?{unquote(url.query)} "
+                                     f"{body.decode('utf-8', 'replace')}")
                 if rule.fault is None or rule.seen <= rule.after:
                     continue
                 if rule.times is not None and rule.hits >= rule.times:

@@ -605,3 +605,89 @@ def hri_gzip_bomb(h: Harness) -> None:
     hs.stage(h.bucket, chunks)
     filed = filed_incomplete(h, chunks, {0, 2}, corrupt={1: "gzip-bomb"})
     preserved(filed, 1, bomb)
+
+
+def _hostile_keys(h: Harness, hostile: list[str], markers: list[str]) -> None:
+    """PUT close markers at hostile keys beside a genuine session; none may lead to any S3 read or write.
+
+    ``markers``: strings that only the hostile keys contain; no S3 request may mention one.
+    """
+    genuine = staged(h, 2)
+    for key in hostile:
+        h.put(key, json.dumps(hs.close_marker(genuine)).encode())
+    calls = h.inj.count("s3")
+    handled = h.deliver(1)
+    assert len(handled) == len(hostile) + 1 and not any(failed for _, failed in handled), handled
+    touched = [r for r in calls.requests if any(marker in r for marker in markers)]
+    assert touched == [], touched  # nothing was read, written or deleted for the hostile keys
+    file_and_account(h, genuine, rounds=0)
+    for prefix in (keys.LOGS_PREFIX, keys.INDEX_PREFIX, keys.MANIFESTS_PREFIX):
+        assert all(genuine.session_id in k for k in h.keys_under(prefix))
+    assert sorted(h.keys_under(keys.DEFAULT_STAGING_PREFIX)) == sorted(hostile)  # left as they are, not filed
+
+
+@row("HRI-12", "hostile-runner", "close markers at keys with '..': staging/app-a/../app-b/S/closed.json, "
+     "staging/app-a/S/../../logs/app-a/S/closed.json, staging/../logs/app-a/closed.json",
+     "each S3 event is dropped before any S3 call with an error log naming the key; nothing is written outside "
+     "staging; the genuine session in the same batch is filed")
+def hri_dotdot_keys(h: Harness) -> None:
+    sid = new_session_id()
+    _hostile_keys(h, [f"staging/{APP}/../{OTHER_APP}/{sid}/closed.json",
+                      f"staging/{APP}/{sid}/../../logs/{APP}/{sid}/closed.json",
+                      "staging/../logs/app-a/closed.json"], [sid, "/../", "logs/app-a/closed"])
+
+
+@row("HRI-13", "hostile-runner", "close markers at keys with percent-escapes and '+': literal '%2F' "
+     "(staging/app-a%2F..%2Fapp-b/S/closed.json, staging/app-a/S%2Fclosed.json), '%252F', and 'app+a'",
+     "the event key is decoded exactly once (S3 events are URL-encoded): every one is an invalid id, dropped "
+     "before any S3 call; the genuine session is filed")
+def hri_percent_keys(h: Harness) -> None:
+    sid = new_session_id()
+    _hostile_keys(h, [f"staging/{APP}%2F..%2F{OTHER_APP}/{sid}/closed.json",
+                      f"staging/{APP}/{sid}%2Fclosed.json",
+                      f"staging/{APP}%252F{sid}/x/closed.json",
+                      f"staging/app+a/{sid}/closed.json"], [sid, "app+a", "app a"])
+
+
+@row("HRI-14", "hostile-runner", "unicode look-alikes: a close marker under an app id with a Cyrillic a (U+0430) "
+     "and one with a fullwidth a (U+FF41); a chunk named with fullwidth digits (U+FF10..U+FF11) planted in a "
+     "genuine session",
+     "the look-alike sessions are dropped before any S3 call; the fullwidth chunk is not taken as chunk 1: the "
+     "genuine session is filed complete from its real chunks and the planted object is left in staging, reported")
+def hri_lookalike_keys(h: Harness) -> None:
+    sid = new_session_id()
+    _hostile_keys(h, [f"staging/\u0430pp-a/{sid}/closed.json", f"staging/\uff41pp-a/{sid}/closed.json"], [sid])
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(2))
+    planted = keys.session_prefix(APP, chunks.session_id) + "chunks/\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff11.gz"
+    h.put(planted, formats.encode_chunk(hs.chunk_header(APP, chunks.session_id, 1, 0, None),
+                                        hs.output_events([b"forged\r\n"])))
+    hs.stage(h.bucket, chunks)
+    h.deliver(1)
+    filed = h.filed(APP, chunks.session_id)
+    assert filed.trailer["complete"] is True and filed.trailer["chunk_count"] == 2
+    h.assert_no_loss(h.account_staged(chunks, {0, 1}, filed))
+    assert h.keys_under(keys.session_prefix(APP, chunks.session_id)) == [planted]
+
+
+@row("HRI-15", "hostile-runner", "a close marker replayed (PUT again, same bytes) after its session was filed "
+     "and staging cleaned",
+     "the assembler finds the log filed: no second log version, no second index entry or manifest; the replayed "
+     "marker is cleaned up")
+def hri_replayed_close(h: Harness) -> None:
+    chunks = staged(h, 2)
+    file_and_account(h, chunks)
+    h.put(keys.closed_key(APP, chunks.session_id), json.dumps(hs.close_marker(chunks)).encode())
+    handled = h.deliver(1)
+    assert [failed for _, failed in handled] == [False]
+    h.assert_filed_once(APP, chunks.session_id)
+
+
+@row("HRI-16", "hostile-runner", "a runner writes a session into another app's staging prefix whose opened.json "
+     "names its own app (staging/app-b/S/ with header app 'app-a')",
+     "refused with \"names app 'app-a', not 'app-b'\"; filed under neither app; the message is dead-lettered")
+def hri_cross_app_header(h: Harness) -> None:
+    sid = new_session_id()
+    chunks = hs.build_chunks(OTHER_APP, sid, session_batches(1))
+    hs.stage(h.bucket, chunks, opened=hs.session_header(APP, sid))
+    refused(h, OTHER_APP, sid, "names app 'app-a', not 'app-b'")
+    assert not h.is_filed(APP, sid)
