@@ -7,11 +7,16 @@ session must become. Reusable by any test that needs a staged or filed session.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import threading
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,3 +213,121 @@ def index_objects(bucket: str, app: str) -> list[str]:
     """Keys of the app's index entries."""
     response = client("s3").list_objects_v2(Bucket=bucket, Prefix=keys.index_prefix(app))
     return [obj["Key"] for obj in response.get("Contents", [])]
+
+
+class CapturedLogs(list):
+    """JSON log lines of the Powertools logger, as they would be printed (see :func:`capture_logs`)."""
+
+    def find(self, message: str, **fields: Any) -> list[dict[str, Any]]:
+        """Lines with this message whose fields include ``fields``."""
+        return [line for line in self if line.get("message") == message
+                and all(line.get(k) == v for k, v in fields.items())]
+
+
+@contextlib.contextmanager
+def capture_logs(service: str = "oneoff-audit") -> Iterator[CapturedLogs]:
+    """Collect the JSON lines the Powertools logger of ``service`` emits (formatted by its own formatter)."""
+    from aws_lambda_powertools import Logger
+
+    formatter = Logger(service=service).registered_formatter
+    lines = CapturedLogs()
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(formatter.format(record)))
+
+    handler = _Handler()
+    target = logging.getLogger(service)
+    target.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        target.removeHandler(handler)
+
+
+# ---------------------------------------------------------------- corrupt chunks
+
+CORRUPTIONS = ("wrong-session", "broken-chain", "wrong-seq", "event-index", "invalid-json", "invalid-event",
+               "oversized-line", "invalid-header", "truncated", "invalid-gzip", "gzip-bomb")
+
+
+def zeros_bomb(size: int = 128 << 20) -> bytes:
+    """``size`` zero bytes, gzip-compressed in pieces (a 230:1 bomb, twice the decompression cap)."""
+    comp = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    return b"".join(comp.compress(block) for _ in range(size >> 20)) + comp.flush()
+
+
+def corrupt_case(chunks: StagedChunks, reason: str, seq: int = 1) -> tuple[str, bytes]:
+    """(fragment of the expected detail, a bad object to stand as chunk ``seq``) for a corruption ``reason``."""
+    app, sid = chunks.app, chunks.session_id
+    good_prev = chunks.digests[seq - 1] if seq else None
+    first_index = sum(len(b) for b in chunks.batches[:seq])
+
+    def chunk(header_overrides: dict[str, Any] | None = None, body: bytes = b'[1.0,"o","x"]\n') -> bytes:
+        header = {**chunk_header(app, sid, seq, first_index, good_prev), **(header_overrides or {})}
+        return gzip.compress(formats.dumps_line(header) + body, compresslevel=1, mtime=0)
+
+    cases = {
+        "wrong-session": lambda: (f"names {app}/OTHER", chunk({"session_id": "OTHER"})),
+        "broken-chain": lambda: ("prev_chunk_sha256 is " + "0" * 64, chunk({"prev_chunk_sha256": "0" * 64})),
+        "wrong-seq": lambda: ("header says seq 7", chunk({"seq": 7})),
+        "event-index": lambda: ("first_event_index is 999", chunk({"first_event_index": 999})),
+        "invalid-json": lambda: ("line 3: invalid JSON", chunk(body=b'[1.0,"o","x"]\n[1.0,"o",\n')),
+        "invalid-event": lambda: ("line 2: [1]: stream must be one of", chunk(body=b'[1.0,"z","x"]\n')),
+        "oversized-line": lambda: ("line 2 is longer than 1048576 bytes",
+                                   chunk(body=b'[1.0,"o","' + b"y" * formats.MAX_LINE_BYTES + b'"]\n')),
+        "invalid-header": lambda: ("header: format", chunk({"format": "nope"})),
+        "truncated": lambda: ("line 3 is not newline-terminated", chunk(body=b'[1.0,"o","x"]\n[1.0,"o","x"]')),
+        "invalid-gzip": lambda: ("not valid gzip", b"\x1f\x8b\x08\x00garbage-garbage-garbage"),
+        # the classic bomb: 128 MiB of zeros (one endless "line") in about half a megabyte
+        "gzip-bomb": lambda: ("decompresses to more than 67108864 bytes (gzip bomb); first oversized-line",
+                              zeros_bomb()),
+    }
+    return cases[reason]()
+
+
+def with_bad_chunk(chunks: StagedChunks, bad: bytes, seq: int = 1,
+                   marker_lists_bad: bool = True) -> tuple[dict[int, bytes], dict[str, Any]]:
+    """Objects and close marker of a session whose chunk ``seq`` is ``bad``, as a runner would have written it.
+
+    The chunks after it chain to the bad object's hash and the marker lists the objects' hashes, unless
+    ``marker_lists_bad`` is False (the object was altered after the runner recorded its hash).
+    """
+    blobs = dict(enumerate(chunks.blobs))
+    blobs[seq] = bad
+    prev = hashlib.sha256(bad).hexdigest() if marker_lists_bad else chunks.digests[seq]
+    index = sum(len(b) for b in chunks.batches[:seq + 1])
+    for later in range(seq + 1, len(chunks.blobs)):
+        blobs[later] = formats.encode_chunk(chunk_header(chunks.app, chunks.session_id, later, index, prev),
+                                            chunks.batches[later])
+        prev = hashlib.sha256(blobs[later]).hexdigest()
+        index += len(chunks.batches[later])
+    marker = close_marker(chunks)
+    digests = [hashlib.sha256(blobs[i]).hexdigest() for i in range(len(chunks.blobs))]
+    if not marker_lists_bad:
+        digests[seq] = chunks.digests[seq]
+    marker["chunk_sha256"] = digests
+    return blobs, marker
+
+
+def atomic_moto_conditional_writes(monkeypatch: Any) -> None:
+    """Make the in-process moto server check-and-write conditional requests atomically, as S3 does.
+
+    moto (5.x) checks ``If-None-Match: *`` and then builds the object in a separate step, so two
+    uploads completing at the same moment can both succeed; S3 guarantees that only the first does
+    (the other gets 412 or 409). Object POSTs (multipart completion) and PUTs are serialized here for
+    the duration of a test (``monkeypatch`` restores moto afterwards).
+    """
+    from moto.s3.responses import S3Response
+
+    lock = threading.RLock()
+    for name in ("_key_response_post", "put_object"):
+        original = getattr(S3Response, name)
+
+        @functools.wraps(original)
+        def serialized(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            with lock:
+                return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(S3Response, name, serialized)

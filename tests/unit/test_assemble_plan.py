@@ -12,18 +12,19 @@ import hashlib
 import io
 import json
 import random
-import zlib
 from collections.abc import Iterator
 
 import pytest
 from helpers_staging import (
+    CORRUPTIONS,
     ENDED_AT,
     build_chunks,
-    chunk_header,
     close_marker,
+    corrupt_case,
     expected_log,
     output_events,
     session_header,
+    with_bad_chunk,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -140,53 +141,12 @@ def test_missing_chunk_becomes_an_exact_gap_marker():
     assert reader.reads.count(2) == 0
 
 
-def zeros_bomb(size: int = 128 << 20) -> bytes:
-    """``size`` zero bytes, gzip-compressed in pieces (a 230:1 bomb, twice the decompression cap)."""
-    comp = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    block = bytes(1 << 20)
-    return b"".join(comp.compress(block) for _ in range(size >> 20)) + comp.flush()
-
-
-def corrupt_case(chunks, reason: str) -> tuple[str, bytes]:
-    """(expected detail fragment, replacement object for chunk 1) for a corruption ``reason``."""
-    good_prev = chunks.digests[0]
-
-    def chunk(header_overrides=None, body=b'[1.0,"o","x"]\n'):
-        header = {**chunk_header(APP, SID, 1, len(chunks.batches[0]), good_prev), **(header_overrides or {})}
-        return gzip.compress(formats.dumps_line(header) + body, compresslevel=1, mtime=0)
-
-    cases = {
-        "wrong-session": lambda: ("names billing.api/OTHER", chunk({"session_id": "OTHER"})),
-        "broken-chain": lambda: ("prev_chunk_sha256 is " + "0" * 64, chunk({"prev_chunk_sha256": "0" * 64})),
-        "wrong-seq": lambda: ("header says seq 7", chunk({"seq": 7})),
-        "event-index": lambda: ("first_event_index is 999", chunk({"first_event_index": 999})),
-        "invalid-json": lambda: ("line 3: invalid JSON", chunk(body=b'[1.0,"o","x"]\n[1.0,"o",\n')),
-        "invalid-event": lambda: ("line 2: [1]: stream must be one of", chunk(body=b'[1.0,"z","x"]\n')),
-        "oversized-line": lambda: ("line 2 is longer than 1048576 bytes",
-                                   chunk(body=b'[1.0,"o","' + b"y" * formats.MAX_LINE_BYTES + b'"]\n')),
-        "invalid-header": lambda: ("header: format", chunk({"format": "nope"})),
-        "truncated": lambda: ("line 3 is not newline-terminated", chunk(body=b'[1.0,"o","x"]\n[1.0,"o","x"]')),
-        "invalid-gzip": lambda: ("not valid gzip", b"\x1f\x8b\x08\x00garbage-garbage-garbage"),
-        # the classic bomb: gigabytes of zeros (one endless "line") in a few kilobytes
-        "gzip-bomb": lambda: ("decompresses to more than 67108864 bytes (gzip bomb); first oversized-line",
-                              zeros_bomb()),
-    }
-    return cases[reason]()
-
-
-@pytest.mark.parametrize("reason", ["wrong-session", "broken-chain", "wrong-seq", "event-index", "invalid-json",
-                                    "invalid-event", "oversized-line", "invalid-header", "truncated",
-                                    "invalid-gzip", "gzip-bomb"])
+@pytest.mark.parametrize("reason", CORRUPTIONS)
 def test_corrupt_chunk_is_a_gap_with_its_raw_bytes_preserved(reason):
     batches = batches_of(3)
     chunks = build_chunks(APP, SID, batches)
     fragment, bad = corrupt_case(chunks, reason)
-    # the runner wrote these very bytes: the marker lists their hash and chunk 2 chains to it
-    bad_sha = hashlib.sha256(bad).hexdigest()
-    third = formats.encode_chunk(chunk_header(APP, SID, 2, len(batches[0]) + len(batches[1]), bad_sha), batches[2])
-    closed = close_marker(chunks)
-    closed["chunk_sha256"][1:] = [bad_sha, hashlib.sha256(third).hexdigest()]
-    blobs = {0: chunks.blobs[0], 1: bad, 2: third}
+    blobs, closed = with_bad_chunk(chunks, bad)  # the runner wrote these very bytes
     plan, reader = plan_for(blobs, closed)
     log = render(plan, reader)
     parsed = lines(log)

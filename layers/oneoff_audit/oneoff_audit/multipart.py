@@ -125,7 +125,9 @@ class MultipartUpload:
                 MultipartUpload={"Parts": parts}, IfNoneMatch="*",
             )
         except ClientError as err:
-            if error_code(err) in ("PreconditionFailed", "412"):
+            # 412: the key exists. 409 ConditionalRequestConflict: a concurrent write to the key is in
+            # progress; either way another writer got there first (the caller checks what is there).
+            if error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 self.abort()
                 raise AlreadyExistsError(self.key) from err
             raise
