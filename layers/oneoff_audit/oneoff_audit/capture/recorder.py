@@ -67,6 +67,7 @@ class SealedChunk:
     lines: list[bytes]
     data_bytes: dict[str, int]  # exact bytes per stream carried by these events
     first_t: float
+    final: bool = False  # the session's last chunk: kept in memory even over budget (it is bounded)
 
     @property
     def total_bytes(self) -> int:
@@ -179,13 +180,13 @@ class Recorder:
         if opened is not None and (self._clock() if now is None else now) >= opened + self.chunk_seconds:
             self.seal()
 
-    def seal(self) -> None:
+    def seal(self, final: bool = False) -> None:
         """Hand the open chunk to the sink (nothing happens when it is empty)."""
         self._flush_withheld()
         if not self._lines:
             self._opened_at = None
             return
-        chunk = SealedChunk(self._lines, self._bytes, self._first_t)
+        chunk = SealedChunk(self._lines, self._bytes, self._first_t, final)
         self._lines, self._bytes, self._size, self._opened_at = [], _zero(), 0, None
         self._sink(chunk)
 
@@ -201,7 +202,7 @@ class Recorder:
                 for value in values[1:]:
                     self._lines.append(event_line(t, stream, value))
                 self._bytes[stream] += held
-        self.seal()
+        self.seal(final=True)
 
 
 class ChunkStore(Protocol):
@@ -294,7 +295,7 @@ class ChunkWriter:
             if chunk is None:
                 return
             try:
-                self._write(chunk)
+                self._write(chunk, force=chunk.final)
             except Exception as err:  # a bug must not block the relay: count the chunk as lost, say why
                 self.error = err
                 self._lose(chunk, f"chunk could not be encoded: {err!r}")
