@@ -690,6 +690,8 @@
     state.replay = rp;
     $("log-inline").hidden = false;
     renderInputs(rp);
+    // with a terminal the typed input is echoed in the output already: show it apart only on request
+    $("show-stdin").checked = !rp.tty;
     renderTranscript(rp);
     mountPlayer(0, false);
   }
@@ -817,17 +819,20 @@
       var s = ev[1], text;
       if (s === "o" || s === "e") text = dataText(ev[2]);
       else if (s === "i") { if (!$("show-stdin").checked) return; text = dataVisible(ev[2]); }
-      else if (s === "m") text = "\n[" + markerLabel(ev[2]) + "]\n";
+      else if (s === "m") text = "[" + markerLabel(ev[2]) + "]\n";
       else return;
       var last = pieces[pieces.length - 1];
       if (last && last[0] === s) last[1] += text;
       else pieces.push([s, text]);
     });
     var frag = document.createDocumentFragment();
+    var atLineStart = true;
     pieces.forEach(function (p) {
       var s = p[0], text = s === "i" ? keysVisible(p[1]) : s === "m" ? p[1] : plain(p[1]);
       if (s === "i" && !rp.tty && /[\r\n]$/.test(p[1])) text += "\n";
+      if (s === "m" && !atLineStart) text = "\n" + text;  // notes stand on their own lines
       if (!text) return;
+      atLineStart = text.slice(-1) === "\n";
       var title = { i: "stdin (typed)", o: "stdout", e: "stderr", m: "note" }[s];
       frag.appendChild(el("span", { class: s, title: title, text: text }));
     });
