@@ -433,6 +433,8 @@ def write(fd, name, data):
 for step in plan["steps"]:
     if step[0] == "sleep":
         time.sleep(step[1])
+    elif step[0] == "mark":
+        open(sys.argv[2] + ".mark." + step[1], "wb").close()
     else:
         write(1 if step[0] == "o" else 2, step[0], bytes.fromhex(step[1]))
 if plan.get("read_stdin"):
@@ -498,6 +500,7 @@ class Harness:
         self._proxy: FaultProxy | None = None
         self._cleanups: list[Callable[[], None]] = []
         self.handler_errors: list[BaseException] = []
+        self.last_work: Path | None = None
         monkeypatch.setenv("ASSEMBLE_MAX_ATTEMPTS", "2")
 
     # ------------------------------------------------------------ lifecycle
@@ -670,13 +673,15 @@ class Harness:
                kill_after: Callable[[subprocess.Popen[bytes]], None] | None = None) -> Recorded:
         """Run ``oneoff-audit record --tty never`` around :data:`PROGRAM` following ``steps``.
 
-        ``steps``: ``("o"|"e", bytes)`` writes, ``("sleep", seconds)`` pauses.
+        ``steps``: ``("o"|"e", bytes)`` writes, ``("sleep", seconds)`` pauses, ``("mark", name)`` creates
+        the file ``<work>/wrote.mark.<name>`` (see :meth:`wait_mark`).
         """
         sid = session_id or new_session_id()
-        plan = {"steps": [[s[0], s[1].hex()] if s[0] != "sleep" else list(s) for s in steps],
+        plan = {"steps": [[s[0], s[1].hex()] if s[0] in ("o", "e") else list(s) for s in steps],
                 "read_stdin": True, "exit": exit_code}
         work = self.tmp / f"rec-{sid}"
         work.mkdir()
+        self.last_work = work
         (work / "plan.json").write_text(json.dumps(plan))
         (work / "program.py").write_text(PROGRAM)
         env = self.stack.env()
@@ -703,6 +708,35 @@ class Harness:
                  for name in STREAMS}
         assert out == wrote["o"] or kill_after is not None, "the agent did not relay stdout byte for byte"
         return Recorded(app, sid, proc.returncode, err, wrote, time.monotonic() - started)
+
+    def when(self, condition: Callable[[], bool], action: Callable[[], None], timeout: float = 30) -> threading.Thread:
+        """Run ``action`` in the background as soon as ``condition()`` holds (polled every 20 ms)."""
+        def watch() -> None:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if condition():
+                    action()
+                    return
+                time.sleep(0.02)
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+
+    def small_spool(self, size: str = "64k") -> tuple[Path, str]:
+        """A spool directory that runs out of space: a tmpfs of ``size`` (we are root), else a path that is a file.
+
+        Returns the directory and which of the two it is (the row reports it).
+        """
+        path = self.tmp / "small-spool"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                              capture_output=True)
+        if done.returncode == 0:
+            self.on_stop(lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True))
+            return path, f"tmpfs of {size}"
+        path.rmdir()
+        path.write_bytes(b"")  # not a directory: every spool write fails with ENOTDIR
+        return path, "a file in place of the spool directory (tmpfs mount refused)"
 
     # ------------------------------------------------------------ the API over real HTTP
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 import helpers_staging as hs
 import pytest
-from faultkit import Filed, Harness, SimulatedCrash, crash, kms_error, s3_error, timeout
+from faultkit import Filed, Harness, Recorded, SimulatedCrash, crash, kms_error, s3_error, timeout
 
 from oneoff_audit import formats, keys
 from oneoff_audit.aws import client
@@ -691,3 +692,187 @@ def hri_cross_app_header(h: Harness) -> None:
     hs.stage(h.bucket, chunks, opened=hs.session_header(APP, sid))
     refused(h, OTHER_APP, sid, "names app 'app-a', not 'app-b'")
     assert not h.is_filed(APP, sid)
+
+
+# ================================================================ runner faults (the real agent)
+
+ALL_BYTES = bytes(range(256))
+TEXT = "caf\u00e9 \u20ac \U0001f600 ok\r\n".encode()
+
+
+def output_steps(n: int, pause: float, size: int = 300) -> list[tuple[Any, ...]]:
+    """``n`` rounds of stdout and stderr writes (every byte value, split UTF-8) with pauses between them."""
+    steps: list[tuple[Any, ...]] = []
+    for k in range(n):
+        steps += [("o", ALL_BYTES + TEXT[:5]), ("o", TEXT[5:] + f" round {k} ".encode() + b"y" * size),
+                  ("e", f"stderr {k}\n".encode() + ALL_BYTES[::-1])]
+        if pause:
+            steps.append(("sleep", pause))
+    return steps
+
+
+def file_recorded(h: Harness, rec: Any, *, complete: bool = True, stdin: bytes = b"") -> Filed:
+    """Deliver the recorded session's close event; compare what the process wrote and read with the log."""
+    h.deliver(1)
+    filed = h.filed(rec.app, rec.session_id)
+    expected = {"i": stdin, "o": rec.wrote["o"], "e": rec.wrote["e"]}
+    account = h.account(rec.app, rec.session_id, "process", expected, filed)
+    h.assert_no_loss(account)
+    assert filed.trailer["complete"] is complete, filed.trailer
+    h.assert_filed_once(rec.app, rec.session_id)
+    return filed
+
+
+@row("INF-01", "infrastructure", "S3 throttles and fails the capture agent's PUTs: 503 SlowDown on opened.json "
+     "(twice) and on the first chunks, 500 on the close marker (once); the agent makes one attempt per call",
+     "the agent backs off and retries without blocking the command; every chunk arrives in order, the close "
+     "marker last; the session is filed complete and byte-exact (stdin, stdout, stderr)")
+def inf_s3_agent(h: Harness) -> None:
+    proxy = h.proxy()
+    proxy.add("503", "PUT", "/opened.json", times=2)
+    proxy.add("503", "PUT", "/chunks/", times=3)
+    proxy.add("500", "PUT", "/closed.json", times=1)
+    stdin = ALL_BYTES + TEXT
+    rec = h.record(APP, output_steps(3, 0.25), stdin=stdin, via_proxy=True)
+    assert rec.returncode == 0, rec.stderr
+    assert rec.stderr == rec.wrote["e"]  # the agent adds nothing of its own to the session's stderr
+    assert sum(r.hits for r in proxy.rules) == 6
+    file_recorded(h, rec, stdin=stdin)
+
+
+def staged_stream_bytes(h: Harness, app: str, sid: str) -> dict[str, bytes]:
+    """The bytes per stream of the chunks staged so far for a session (read the way the assembler does)."""
+    out = {s: bytearray() for s in ("i", "o", "e")}
+    prefix = keys.session_prefix(app, sid) + keys.CHUNKS_DIR
+    for key in sorted(h.keys_under(prefix)):
+        _, events = formats.read_chunk(h.s3.get_object(Bucket=h.bucket, Key=key)["Body"].read(), key)
+        for _, stream, data in events:
+            if stream in out:
+                out[stream] += decode_data(data)
+    return {s: bytes(v) for s, v in out.items()}
+
+
+@row("RUN-01", "runner", "the capture agent is SIGKILLed mid-session (after its last chunk was flushed, while the "
+     "command is still running)",
+     "no close marker; the sweeper finds the session after ABANDON_AFTER and the assembler files it as "
+     "status abandoned, complete: false, expected_chunk_count null, with every byte the flushed chunks hold")
+def run_agent_sigkilled(h: Harness) -> None:
+    def kill_when_flushed(proc: subprocess.Popen[bytes]) -> None:
+        assert h.last_work is not None
+        done = h.last_work / "wrote.mark.burst-done"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if done.exists():
+                wrote = (h.last_work / "wrote.o").read_bytes()
+                if staged_stream_bytes(h, APP, sid)["o"] == wrote:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the agent never flushed what the command wrote")
+        os.kill(proc.pid, signal.SIGKILL)
+
+    sid = new_session_id()
+    rec = h.record(APP, [*output_steps(3, 0.1), ("mark", "burst-done"), ("sleep", 2.0), ("o", b"after the kill\n")],
+                   session_id=sid, kill_after=kill_when_flushed)
+    assert rec.returncode == -signal.SIGKILL
+    assert h.keys_under(keys.closed_key(APP, sid)) == []
+    assert h.sweep(after=60) == []  # not yet abandoned
+    assert h.sweep(after=3601) == [(APP, sid)]
+    h.deliver(1)
+    filed = h.filed(APP, sid)
+    t = filed.trailer
+    assert (t["status"], t["complete"], t["expected_chunk_count"], t["ended_at"]) == ("abandoned", False, None, None)
+    wrote_before_kill = {"i": b"", "o": rec.wrote["o"].removesuffix(b"after the kill\n"), "e": rec.wrote["e"]}
+    h.assert_no_loss(h.account(APP, sid, "process", wrote_before_kill, filed,
+                               "bytes written before the kill (the write after it hit a dead pipe)"))
+    h.assert_filed_once(APP, sid)
+
+
+@row("RUN-02", "runner", "the runner's network is cut (every connection to S3 dropped) for 1.5 s, longer than "
+     "seven chunk intervals of 0.2 s, while the command writes",
+     "the agent keeps relaying, retries with backoff, and when the network is back every chunk arrives in order: "
+     "filed complete, byte-exact")
+def run_network_cut(h: Harness) -> None:
+    proxy = h.proxy()
+    sid = new_session_id()
+
+    def cut() -> None:
+        proxy.add("cut")
+        timer = threading.Timer(1.5, proxy.clear)
+        timer.start()
+        h.on_stop(timer.cancel)
+
+    h.when(lambda: bool(h.keys_under(keys.opened_key(APP, sid))), cut)
+    stdin = TEXT * 3
+    rec = h.record(APP, output_steps(6, 0.2), stdin=stdin, via_proxy=True, session_id=sid)
+    assert rec.returncode == 0, rec.stderr
+    assert sum("/chunks/" in r for r in proxy.refused) >= 2, proxy.refused
+    file_recorded(h, rec, stdin=stdin)
+
+
+def _spool_full(h: Harness, policy: str) -> tuple[Recorded, Filed, str]:
+    """S3 refuses chunk PUTs while the command writes incompressible output; the spool is a 64 KiB tmpfs."""
+    spool, how = h.small_spool("64k")
+    proxy = h.proxy()
+    proxy.add("cut", "PUT", "/chunks/")
+    bursts = [("o", os.urandom(12 << 10)) for _ in range(10)]
+    steps: list[tuple[Any, ...]] = []
+    for burst in bursts:
+        steps += [burst, ("sleep", 0.25)]
+    steps += [("mark", "bursts-done"), ("sleep", 2.5), ("o", b"after S3 came back\n"), ("e", b"bye\n")]
+    if policy == "continue":
+        h.when(lambda: h.last_work is not None and (h.last_work / "wrote.mark.bursts-done").exists(), proxy.clear)
+    else:
+        h.when(lambda: h.last_work is not None and (h.last_work / "agent.log").exists()
+               and b"ending the session" in (h.last_work / "agent.log").read_bytes(), proxy.clear)
+    rec = h.record(APP, steps, via_proxy=True, spool_dir=spool,
+                   options=("--queue-bytes", "1K", "--on-capture-failure", policy))
+    h.deliver(1)
+    return rec, h.filed(APP, rec.session_id), how
+
+
+def _capture_gap_declared(h: Harness, rec: Recorded, filed: Filed, how: str) -> int:
+    gaps = filed.markers("capture-gap")
+    lost = sum(g["bytes"] for g in gaps)
+    assert gaps and lost > 0, filed.trailer
+    assert filed.trailer["lost_bytes"] == lost
+    account = h.account(APP, rec.session_id, "process", {"i": b"", "o": rec.wrote["o"], "e": rec.wrote["e"]},
+                        filed, f"spool: {how}")
+    h.assert_no_loss(account)  # every byte not in the log is declared by a capture-gap marker
+    return lost
+
+
+def _not_complete(filed: Filed) -> None:
+    t = filed.trailer
+    assert t["complete"] is False, (f"lost_bytes {t['lost_bytes']} but filed complete: true (gaps {t['gaps']}): the "
+                                    "timeline's 'incomplete' filter and the SessionsIncomplete alarm miss it")
+
+
+@row("RUN-03", "runner", "the spool disk is full (a 64 KiB tmpfs) while S3 refuses every chunk, "
+     "--on-capture-failure continue",
+     "the session runs to its end (exit 0); the agent says once on stderr that recording failed; a capture-gap "
+     "marker carries the exact lost byte count per stream, the close marker and trailer say lost_bytes, and the "
+     "session is filed complete: false; every other byte is in the log")
+def run_spool_full_continue(h: Harness) -> None:
+    rec, filed, how = _spool_full(h, "continue")
+    assert rec.returncode == 0
+    agent_said = rec.stderr.removeprefix(rec.wrote["e"]) if rec.stderr.startswith(rec.wrote["e"]) else rec.stderr
+    assert b"recording failed" in rec.stderr and rec.stderr.count(b"recording failed") == 1, agent_said
+    _capture_gap_declared(h, rec, filed, how)
+    assert filed.trailer["status"] == "succeeded"
+    _not_complete(filed)
+
+
+@row("RUN-04", "runner", "the spool disk is full (a 64 KiB tmpfs) while S3 refuses every chunk, "
+     "--on-capture-failure terminate",
+     "the agent ends the command (SIGHUP, then SIGKILL) as soon as a chunk cannot be stored; the close marker "
+     "and trailer say status killed and why; the lost bytes are declared by a capture-gap marker")
+def run_spool_full_terminate(h: Harness) -> None:
+    rec, filed, how = _spool_full(h, "terminate")
+    assert rec.returncode in (128 + signal.SIGHUP, 128 + signal.SIGKILL), rec.returncode
+    assert b"after S3 came back" not in rec.wrote["o"]  # the command did not get to run on unrecorded
+    t = filed.trailer
+    assert t["status"] == "killed" and "terminated by oneoff-audit: recording failed" in (t["reason"] or ""), t
+    assert b"ending the session" in rec.stderr
+    _capture_gap_declared(h, rec, filed, how)
+    _not_complete(filed)
