@@ -34,6 +34,7 @@ from oneoff_audit.capture.relay import (
     SignalWaker,
     ensure_std_fds,
     get_winsize,
+    has_controlling_terminal,
     set_nonblocking,
     set_winsize,
     spawn,
@@ -218,6 +219,7 @@ class Session:
         keys.session_prefix(opts.app, session_id, opts.staging_prefix)
         stdin_tty = os.isatty(0)
         interactive = opts.tty == "always" or (opts.tty == "auto" and stdin_tty)
+        attached = not interactive and has_controlling_terminal()
         env = dict(os.environb)
         term_size: tuple[int, int] | None = None
         if interactive:
@@ -265,7 +267,7 @@ class Session:
                 out_r, out_w = os.pipe()
                 err_r, err_w = os.pipe()
                 t0 = time.monotonic()
-                pid, exec_errno = spawn(argv, env, (in_r, out_w, err_w), pty=False)
+                pid, exec_errno = spawn(argv, env, (in_r, out_w, err_w), pty=False, own_group=not attached)
                 for fd in (in_r, out_w, err_w):
                     os.close(fd)
                 for fd in (in_w, out_r, err_r):
@@ -286,7 +288,8 @@ class Session:
 
             self.relay = Relay(recorder, pid, waker, outputs=outputs, input_fd=input_fd, pty_master=master,
                                term_fd=0 if (interactive and stdin_tty) else None,
-                               record_hidden_input=opts.record_hidden_input, term_size=term_size)
+                               record_hidden_input=opts.record_hidden_input, term_size=term_size,
+                               forward_keyboard=not attached)
             exit_status = self.relay.run()
             ended = formats.utc_now()
         finally:
@@ -377,8 +380,9 @@ class Session:
                 self.diag.failure(f"close marker could not be uploaded or spooled: {err}")
                 return
             self.diag.failure(
-                f"S3 unreachable ({uploader.last_error}); session {opts.app}/{marker['session_id']} is complete "
-                f"in the spool {spool.dir}; `oneoff-audit flush-spool` (or the next record) uploads it")
+                f"not every chunk reached S3 within {opts.flush_timeout:g}s (last error: {uploader.last_error}); "
+                f"session {opts.app}/{marker['session_id']} is complete in the spool {spool.dir}; "
+                "`oneoff-audit flush-spool` (or the next record) uploads it")
         finally:
             if spool is not None:
                 spool.close()

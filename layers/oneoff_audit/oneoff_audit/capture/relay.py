@@ -183,11 +183,23 @@ def _load_libc() -> ctypes.CDLL | None:
     return _libc
 
 
-def spawn(argv: Sequence[bytes], env: dict[bytes, bytes], fds: tuple[int, int, int], *, pty: bool) -> tuple[int, int]:
+def has_controlling_terminal() -> bool:
+    """Whether the agent runs attached to a terminal (then a non-interactive command shares its job)."""
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
+def spawn(argv: Sequence[bytes], env: dict[bytes, bytes], fds: tuple[int, int, int], *, pty: bool,
+          own_group: bool = True) -> tuple[int, int]:
     """Fork and exec ``argv`` with ``fds`` as its stdin/stdout/stderr; returns (pid, exec errno or 0).
 
     With ``pty`` the child starts a new session with ``fds[0]`` (the PTY slave) as its controlling
-    terminal; otherwise it gets its own process group. It dies with the agent (PDEATHSIG). If exec
+    terminal; otherwise it gets its own process group when ``own_group`` (no terminal: signals reach
+    it only through the agent), or stays in the agent's job, so that it may still use the agent's
+    terminal (``/dev/tty``) in the foreground. It dies with the agent (PDEATHSIG). If exec
     fails, the child writes the reason on its stderr (so it is recorded) and exits 127 (126 when the
     file exists but cannot be executed), like a shell.
     """
@@ -202,7 +214,7 @@ def spawn(argv: Sequence[bytes], env: dict[bytes, bytes], fds: tuple[int, int, i
             if pty:
                 os.setsid()
                 fcntl.ioctl(fds[0], termios.TIOCSCTTY, 0)
-            else:
+            elif own_group:
                 os.setpgid(0, 0)
             if libc is not None:
                 libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -266,6 +278,7 @@ class Relay:
         term_fd: int | None = None,
         record_hidden_input: bool = False,
         term_size: tuple[int, int] | None = None,
+        forward_keyboard: bool = True,
     ) -> None:
         self.recorder = recorder
         self.pid = pid
@@ -277,6 +290,7 @@ class Relay:
         self.term_fd = term_fd
         self.record_hidden_input = record_hidden_input
         self.size = term_size
+        self.forward_keyboard = forward_keyboard
         self.in_open = input_fd is not None
         self.in_eof = False
         self.in_buf = bytearray()
@@ -471,6 +485,8 @@ class Relay:
                 self._forward(sig)
 
     def _forward(self, sig: int) -> None:
+        if sig in KEYBOARD_SIGNALS and not self.forward_keyboard:
+            return  # the terminal sent it to the whole job, the command included
         target = self.pid
         if self.master is not None and sig in KEYBOARD_SIGNALS:
             with contextlib.suppress(OSError):
@@ -527,6 +543,10 @@ class Relay:
                 self._signal_session(signal.SIGKILL)
 
     def _signal_session(self, sig: int) -> None:
+        if self.master is None and not self.forward_keyboard:  # the command shares the agent's group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, sig)
+            return
         groups = {self.pid}
         if self.master is not None:
             with contextlib.suppress(OSError):
