@@ -227,6 +227,11 @@ def test_small_session_shows_its_output_and_replays(recorded, page):
     assert "hello from the dashboard test" in screen
     assert "you typed: select 1;" in screen
     page.screenshot(path=str(BUILD / "dashboard-replay.png"), full_page=True)
+    # the access audit lists this very view of the log
+    page.locator("#access summary").click()
+    viewed = page.locator("#access-rows tr", has_text="viewed the log")
+    expect(viewed).not_to_have_count(0)
+    assert "Local auditor (local-admin), admin" in viewed.first.inner_text()
 
 
 def test_big_session_offers_a_download_that_returns_the_stored_file(recorded, page, tmp_path):

@@ -481,6 +481,9 @@
       renderMeta(r, parts);
       renderIntegrity(parts);
       $("session-body").hidden = false;
+      $("access").open = false;
+      clear($("access-rows"));
+      clear($("access-problem"));
       loadLog(r);
     });
   }
@@ -608,6 +611,41 @@
       if (res.body && res.body.download_url) showDownload(r, res.body);
       else if (res.body && Array.isArray(res.body.events)) showReplay(r, res.body);
       else renderProblem($("log-problem"), { status: 500, body: { message: "unexpected answer from /log" } }, r);
+    });
+  }
+
+  /* ---------- access audit ---------- */
+
+  var HOW = { details: "viewed the details", inline: "viewed the log", url: "got a download link",
+    asciicast: "exported as asciicast", "asciicast-url": "got an asciicast download link" };
+
+  function loadAccess(r, more) {
+    var gen = state.gen;
+    var q = new URLSearchParams({ limit: "50" });
+    if (more && state.accessCursor) q.set("cursor", state.accessCursor);
+    if (!more) clear($("access-rows"));
+    $("access-more").hidden = true;
+    api(sessionPath(r.app, r.session) + "/access?" + q.toString()).then(function (res) {
+      if (gen !== state.gen) return;
+      if (res.status !== 200) { renderProblem($("access-problem"), res, r); return; }
+      clear($("access-problem"));
+      var tbody = $("access-rows");
+      ((res.body && res.body.access) || []).forEach(function (a) {
+        if (a.invalid) {
+          tbody.appendChild(el("tr", { class: "bad" }, [el("td", { colspan: "4", text: "damaged record " + a.record + ": " + a.invalid })]));
+          return;
+        }
+        var who = a.who || {};
+        tbody.appendChild(el("tr", null, [
+          el("td", { "data-label": "When", text: fmtTime(a.at) }),
+          el("td", { "data-label": "Who", text: (who.name ? who.name + " (" + who.subject + ")" : who.subject || "—") +
+            (who.admin ? ", admin" : "") }),
+          el("td", { "data-label": "How", text: HOW[a.how] || a.how || "—" }),
+          el("td", { "data-label": "From", text: a.source_ip || "—" }),
+        ]));
+      });
+      state.accessCursor = (res.body && res.body.cursor) || null;
+      $("access-more").hidden = !state.accessCursor;
     });
   }
 
@@ -934,6 +972,12 @@
     });
     $("show-stdin").addEventListener("change", function () { if (state.replay) renderTranscript(state.replay); });
     $("load-more").addEventListener("click", function () { loadPage(parseRoute(), false); });
+    $("access").addEventListener("toggle", function () {
+      var r = parseRoute();
+      if (!$("access").open || r.view !== "session") return;
+      loadAccess(r, false);  // fresh each time it is opened: it grows as people look
+    });
+    $("access-more").addEventListener("click", function () { loadAccess(parseRoute(), true); });
     $("speed").addEventListener("change", function () { remountPlayer(null); });
     $("idle").addEventListener("change", function () {
       if (!state.replay) return;
