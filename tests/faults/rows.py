@@ -876,3 +876,70 @@ def run_spool_full_terminate(h: Harness) -> None:
     assert b"ending the session" in rec.stderr
     _capture_gap_declared(h, rec, filed, how)
     _not_complete(filed)
+
+
+# ---------------------------------------------------------------- runner clocks and late chunks
+
+@row("RUN-05", "runner", "the runner's wall clock jumps back during the session: the close marker's ended_at is "
+     "an hour before the header's started_at (event offsets come from the monotonic clock and stay ordered)",
+     "filed complete and byte-exact with the times as the runner reported them and duration clamped to 0 (never "
+     "negative); the timeline and session details serve it")
+def run_clock_back(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(2))
+    hs.stage(h.bucket, chunks, closed=hs.close_marker(chunks, ended_at="2026-11-25T13:46:00.123456Z"))
+    filed = file_and_account(h, chunks)
+    assert filed.trailer["ended_at"] == "2026-11-25T13:46:00.123456Z" and filed.trailer["duration"] == 0
+    status, body = h.api_json(f"/apps/{APP}/sessions")
+    assert status == 200 and [s["session_id"] for s in body["sessions"]] == [chunks.session_id], body
+    status, body = h.api_json(f"/apps/{APP}/sessions/{chunks.session_id}")
+    assert status == 200 and body["trailer"]["duration"] == 0, body
+
+
+@row("RUN-06", "runner", "runner clocks far off: one session started_at 2099-01-01 (clock far ahead), one at "
+     "1999-01-01 (clock far behind), beside a session of today",
+     "all three filed; the timeline lists them newest first by their reported start (2099, today, 1999) without "
+     "losing any, and time-window filters select them by that start")
+def run_clock_far_off(h: Harness) -> None:
+    sessions = []
+    for started in ("2099-01-01T00:00:00.000000Z", hs.STARTED_AT, "1999-01-01T00:00:00.000000Z"):
+        chunks = hs.build_chunks(APP, new_session_id(), session_batches(1))
+        hs.stage(h.bucket, chunks, opened=hs.session_header(APP, chunks.session_id, started_at=started),
+                 closed=hs.close_marker(chunks, ended_at=started))
+        sessions.append(chunks)
+    h.deliver(1)
+    for chunks in sessions:
+        h.assert_no_loss(h.account_staged(chunks, {0}, h.filed(APP, chunks.session_id)))
+        h.assert_filed_once(APP, chunks.session_id)
+    status, body = h.api_json(f"/apps/{APP}/sessions")
+    assert status == 200 and [s["session_id"] for s in body["sessions"]] == [c.session_id for c in sessions], body
+    status, body = h.api_json(f"/apps/{APP}/sessions?from=2000-01-01T00:00:00Z&to=2098-01-01T00:00:00Z")
+    assert status == 200 and [s["session_id"] for s in body["sessions"]] == [sessions[1].session_id], body
+
+
+@row("RUN-07", "runner", "chunks arrive after their session was filed: the runner was partitioned longer than "
+     "ABANDON_AFTER, the sweeper filed what existed as abandoned, then chunk 2 and the real close marker arrive",
+     "the late bytes are not dropped silently: they are filed (a later filing names them) or the message fails "
+     "and is dead-lettered with the reason (so the DeadLetterQueueNotEmpty alarm fires) -- never deleted, never "
+     "left to expire with the staging lifecycle rule while the message succeeds")
+def run_late_chunks(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(3))
+    hs.stage(h.bucket, chunks, closed=False, skip=[2])
+    assert h.sweep(after=3601) == [(APP, chunks.session_id)]
+    h.deliver(1)
+    first = h.filed(APP, chunks.session_id)
+    assert (first.trailer["status"], first.trailer["complete"]) == ("abandoned", False)
+    h.put(keys.chunk_key(APP, chunks.session_id, 2), chunks.blobs[2])
+    h.put(keys.closed_key(APP, chunks.session_id), json.dumps(hs.close_marker(chunks)).encode())
+    handled = h.deliver(1)
+    versions = h.versions(keys.log_key(APP, chunks.session_id))
+    later = [h.filed(APP, chunks.session_id, v["VersionId"]) for v in versions]
+    late_bytes = h.account_staged(chunks, {2}, None).expected["o"]
+    in_a_log = any(late_bytes in f.stream_bytes()["o"] for f in later)
+    dead_lettered = all(failed for _, failed in handled)
+    left = h.keys_under(keys.session_prefix(APP, chunks.session_id))
+    if not dead_lettered:  # the run says it is done: every byte the runner staged must be in the filed log(s)
+        newest = h.filed(APP, chunks.session_id)
+        h.account_staged(chunks, {0, 1, 2}, newest, "late chunk 2 in no log; left in staging until it expires")
+    assert in_a_log or dead_lettered, (
+        f"late chunk 2 is in no filed log, the message succeeded ({handled!r}), and staging holds {left}: "
+        "nothing will ever file these bytes and the staging lifecycle rule will delete them")
