@@ -150,10 +150,11 @@ def browser_context(tmp_path_factory) -> Iterator[object]:
 
 @pytest.fixture
 def page(browser_context):
-    """A new tab (its own sessionStorage, so its own token); page errors fail the test."""
+    """A new tab (its own sessionStorage, so its own token); page errors and CSP violations fail the test."""
     tab = browser_context.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda err: errors.append(str(err)))
+    tab.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     tab.set_default_timeout(WAIT_MS)
     yield tab
     tab.close()
