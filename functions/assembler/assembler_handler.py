@@ -23,7 +23,9 @@ from oneoff_audit.errors import RetryLaterError
 logger = Logger()
 tracer = Tracer()
 metrics = Metrics()
-processor = BatchProcessor(event_type=EventType.SQS)
+# Report every failed record (even when all failed) instead of failing the invocation: the response
+# is then the same whatever the mix, and each message is retried on its own.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 
 def record_handler(record: SQSRecord, config: AssemblerConfig) -> None:

@@ -97,6 +97,10 @@ INVALID_EVENT = "invalid-event"
 UNEXPECTED_CHUNK = "unexpected-chunk"
 
 
+class NothingStagedError(NotFoundError):
+    """Neither a filed log nor anything in staging exists for the session."""
+
+
 # ---------------------------------------------------------------- pass 1: verification
 
 
@@ -1113,7 +1117,7 @@ def _verify(config: AssemblerConfig, app: str, session_id: str, reader: ChunkRea
             abandoned: bool) -> tuple[dict[str, Any], dict[str, Any] | None, Plan]:
     session: StagedSession = list_session(config.bucket, app, session_id, config.staging_prefix)
     if session.empty:
-        raise NotFoundError(f"nothing staged for {app}/{session_id} and no log filed")
+        raise NothingStagedError(f"nothing staged for {app}/{session_id} and no log filed")
     opened = load_opened(config.bucket, session)
     closed = load_closed(config.bucket, session)
     if closed is None and not abandoned:
@@ -1145,7 +1149,11 @@ def process_message(config: AssemblerConfig, body: dict[str, Any], receive_count
         except InvalidIdError as err:
             logger.error("dropping sweeper message with an invalid id", extra={"reason": str(err)})
             return []
-        return [assemble_session(config, app, session_id, attempt=receive_count, abandoned=True)]
+        try:
+            return [assemble_session(config, app, session_id, attempt=receive_count, abandoned=True)]
+        except NothingStagedError as err:  # swept, then filed and cleaned up by someone else: nothing to do
+            logger.warning("dropping sweeper message: nothing to file", extra={"reason": str(err)})
+            return []
     records = body.get("Records")
     if not isinstance(records, list):
         raise FormatError("assembly message", "(root)", "neither an S3 event nor a sweeper message")
@@ -1171,11 +1179,23 @@ def process_message(config: AssemblerConfig, body: dict[str, Any], receive_count
 
 
 def describe_failure(err: BaseException) -> str:
-    """One line saying why a message failed (what ends up next to it in the dead-letter logs)."""
-    if isinstance(err, ClientError):
-        info = err.response.get("Error", {})
-        return f"{err.operation_name}: {info.get('Code')}: {info.get('Message')}"
-    return f"{type(err).__name__}: {err}"
+    """One line saying why a message failed, naming the AWS error at the root of it (for the logs)."""
+
+    def one(e: BaseException) -> str:
+        if isinstance(e, ClientError):
+            info = e.response.get("Error", {})
+            return f"{e.operation_name}: {info.get('Code')}: {info.get('Message')}"
+        return f"{type(e).__name__}: {e}"
+
+    text = one(err)
+    seen = {id(err)}
+    cause = err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ClientError):
+            return f"{text}; caused by {one(cause)}"
+        cause = cause.__cause__ or cause.__context__
+    return text
 
 
 def dumps_filed(filed: list[FiledLog]) -> str:
