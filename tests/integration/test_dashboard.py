@@ -228,6 +228,9 @@ def test_small_session_shows_its_output_and_replays(recorded, page):
     assert "hello from the dashboard test" in screen
     assert "you typed: select 1;" in screen
     page.screenshot(path=str(BUILD / "dashboard-replay.png"), full_page=True)
+    # another speed rebuilds the player at the same moment of the session: the screen stays as it was
+    page.select_option("#speed", "2")
+    expect(page.locator("#player .ap-term-text")).to_contain_text("café € done")
     # the access audit lists this very view of the log
     page.locator("#access summary").click()
     viewed = page.locator("#access-rows tr", has_text="viewed the log")

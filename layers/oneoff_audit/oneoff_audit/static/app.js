@@ -780,8 +780,8 @@
     $("player").style.maxWidth = Math.max(36, state.replay.cols * 0.72) + "rem";
     state.player = window.AsciinemaPlayer.create({ data: m.cast }, $("player"), {
       speed: Number($("speed").value) || 1,
-      startAt: startAt || 0,
-      autoPlay: !!autoPlay,
+      autoPlay: !!autoPlay && !startAt,
+      preload: true,  // the data is already here
       fit: "width",
       controls: true,
       keystrokeOverlay: true,
@@ -790,15 +790,25 @@
     });
     var p = state.player;
     state.playing = !!autoPlay;
-    ["play", "playing"].forEach(function (n) { p.addEventListener(n, function () { if (p === state.player) state.playing = true; }); });
-    ["pause", "ended"].forEach(function (n) { p.addEventListener(n, function () { if (p === state.player) state.playing = false; }); });
+    state.ended = false;
+    var on = function (names, fn) {
+      names.forEach(function (n) { p.addEventListener(n, function () { if (p === state.player) fn(n); }); });
+    };
+    on(["play", "playing"], function () { state.playing = true; state.ended = false; });
+    on(["pause", "ended"], function (n) { state.playing = false; state.ended = n === "ended"; });
+    if (startAt) {  // the player's own startAt does not draw that frame until played: seek explicitly
+      Promise.resolve(p.seek(startAt)).then(function () { return autoPlay ? p.play() : null; })
+        .catch(function () { /* disposed meanwhile */ });
+    }
   }
 
   /** Recreate the player with new options at the same moment of the session. */
   function remountPlayer(prevTimes) {
     if (!state.replay || !state.player) return;
     var now = 0, playing = false;
-    try { now = state.player.getCurrentTime() || 0; } catch (e) { now = 0; }
+    try {  // after the end the player's clock reads 0: stay at the end
+      now = (state.ended ? state.player.getDuration() : state.player.getCurrentTime()) || 0;
+    } catch (e) { now = 0; }
     playing = !!state.playing;
     var orig = prevTimes ? convert(prevTimes, originalTimes(), now) : null;
     var m = currentMap();
