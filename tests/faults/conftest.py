@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faultkit import LEDGER, Harness
+from faultkit import LEDGER, Harness, Injector
 
 BACKOFF_SCALE = 0.05
 
@@ -21,6 +21,13 @@ def _fast_botocore_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
         return float(original(self, context)) * BACKOFF_SCALE
 
     monkeypatch.setattr(ExponentialBackoff, "delay_amount", delay_amount)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_botocore() -> Iterator[None]:
+    """Take the fault hook out of botocore's Endpoint when a fault-suite module is done."""
+    yield
+    Injector.uninstall()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import io
-import itertools
 import json
 import os
 import signal
@@ -37,7 +36,7 @@ from botocore.exceptions import ReadTimeoutError
 
 from oneoff_audit import formats, keys
 from oneoff_audit.api.httpbridge import serve
-from oneoff_audit.aws import botocore_session, client, reset_clients
+from oneoff_audit.aws import client, reset_clients
 from oneoff_audit.codec import decode_data
 from oneoff_audit.crypto import decrypt_bytes
 from oneoff_audit.ids import new_session_id
@@ -197,35 +196,64 @@ class Rule:
         return self.key is None or self.key in unquote(urlsplit(request.url).path)
 
 
-_ids = itertools.count()
-
-
 class Injector:
-    """``before-send`` hooks on the suite's in-process AWS clients; use as a context manager."""
+    """Fault hooks on every in-process AWS request; use as a context manager.
+
+    botocore's ``Endpoint`` is wrapped so that the hook sees each request of *every* client of the
+    process (the cached clients of ``oneoff_audit.aws``, the Encryption SDK's KMS clients, clients
+    cached by the code under test) just before it would be sent, with its service and operation. A
+    fault returns the response botocore then parses and retries as usual, or raises.
+    """
 
     SERVICES = ("s3", "kms", "sqs")
+    _active: Injector | None = None
+    _saved: tuple[Any, Any] | None = None
+    _current = threading.local()
 
     def __init__(self) -> None:
         self.rules: list[Rule] = []
         self.lock = threading.Lock()
-        self._unique = f"fault-injector-{next(_ids)}"
-        self._emitters: list[Any] = []
         self.throttled = False  # a fault was injected: the clients' retry state is no longer fresh
 
     def __enter__(self) -> Injector:
-        for service in self.SERVICES:
-            emitter = client(service).meta.events
-            emitter.register_first("before-send", self._hook, unique_id=self._unique)
-            self._emitters.append(emitter)
-        session = botocore_session()  # the Encryption SDK's KMS clients are created from it per call
-        session.register("before-send", self._hook, unique_id=self._unique)
-        self._emitters.append(session)
+        from botocore.endpoint import Endpoint
+
+        assert Injector._active is None, "one injector at a time"
+        Injector._active = self
+        if Injector._saved is None:
+            do_get, send = Endpoint._do_get_response, Endpoint._send
+            Injector._saved = (do_get, send)
+
+            def _do_get_response(endpoint: Any, request: Any, operation_model: Any, context: Any) -> Any:
+                Injector._current.op = (operation_model.service_model.service_id.hyphenize(), operation_model.name)
+                try:
+                    return do_get(endpoint, request, operation_model, context)
+                finally:
+                    Injector._current.op = None
+
+            def _send(endpoint: Any, request: Any) -> Any:
+                active, op = Injector._active, getattr(Injector._current, "op", None)
+                if active is not None and op is not None:
+                    response = active._hook(request, event_name=f"before-send.{op[0]}.{op[1]}")
+                    if response is not None:
+                        return response
+                return send(endpoint, request)
+
+            Endpoint._do_get_response = _do_get_response  # type: ignore[method-assign]
+            Endpoint._send = _send  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for emitter in self._emitters:
-            emitter.unregister("before-send", unique_id=self._unique)
-        self._emitters.clear()
+        Injector._active = None
+
+    @classmethod
+    def uninstall(cls) -> None:
+        """Restore botocore's Endpoint (end of the test session)."""
+        from botocore.endpoint import Endpoint
+
+        if cls._saved is not None:
+            Endpoint._do_get_response, Endpoint._send = cls._saved  # type: ignore[method-assign]
+            cls._saved = None
 
     def add(self, service: str, operation: str | None, fault: Callable[..., Any] | None, *, times: int | None = None,
             key: str | None = None, after: int = 0) -> Rule:
@@ -406,6 +434,29 @@ class FaultProxy:
         self.server.server_close()
 
 
+def credential_endpoint(lifetime: int) -> ThreadingHTTPServer:
+    """A container-credentials endpoint on 127.0.0.1 handing out credentials that expire in ``lifetime`` s."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            expiry = datetime.now(UTC) + timedelta(seconds=lifetime)
+            body = json.dumps({"AccessKeyId": "testing", "SecretAccessKey": "testing", "Token": "container-token",
+                               "Expiration": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 # ---------------------------------------------------------------- the harness a row's check receives
 
 API_TOKENS: dict[str, dict[str, str]] = {
@@ -414,6 +465,8 @@ API_TOKENS: dict[str, dict[str, str]] = {
     "tok-all": {"sub": "auditor-all", "custom:audit_apps": "*", "custom:audit_admin": "true"},
     "tok-nosub": {"custom:audit_apps": "*", "name": "no subject"},
     "tok-blanksub": {"sub": "   ", "custom:audit_apps": "*"},
+    "tok-glob": {"sub": "auditor-glob", "custom:audit_apps": "app-* app"},
+    "tok-list": {"sub": "auditor-list", "custom:audit_apps": "[app-b APP-A app-a/x ..]"},
 }
 
 CLI = str(Path(sys.executable).parent / "oneoff-audit")

@@ -8,7 +8,10 @@ staged intact, against what the filed log holds. Row ids are referenced by docs/
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -17,18 +20,30 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import helpers_staging as hs
 import pytest
-from faultkit import Filed, Harness, Recorded, SimulatedCrash, crash, kms_error, s3_error, timeout
+from faultkit import (
+    Filed,
+    Harness,
+    Recorded,
+    SimulatedCrash,
+    crash,
+    credential_endpoint,
+    kms_error,
+    s3_error,
+    timeout,
+)
 
 from oneoff_audit import formats, keys
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, reset_clients
 from oneoff_audit.codec import decode_data
 from oneoff_audit.errors import OneoffAuditError
 from oneoff_audit.ids import new_session_id
@@ -943,3 +958,281 @@ def run_late_chunks(h: Harness) -> None:
     assert in_a_log or dead_lettered, (
         f"late chunk 2 is in no filed log, the message succeeded ({handled!r}), and staging holds {left}: "
         "nothing will ever file these bytes and the staging lifecycle rule will delete them")
+
+
+# ================================================================ hostile API callers
+
+UNAUTHORIZED = {"error": "unauthorized"}
+
+
+def no_s3(h: Harness, calls: Any) -> None:
+    assert calls.requests == [], f"S3 was called before the request was refused: {calls.requests}"
+
+
+@row("API-01", "hostile-api", "no identity: requests without an Authorization header, with an empty bearer, with "
+     "a Basic scheme, and with identity-looking headers (X-Amzn-Oidc-Identity, X-Forwarded-User)",
+     "401 {\"error\": \"unauthorized\"} on every route before any S3 call")
+def api_no_identity(h: Harness) -> None:
+    sid = new_session_id()
+    calls = h.inj.count("s3")
+    for path in (f"/apps/{APP}/sessions", f"/apps/{APP}/sessions/{sid}", f"/apps/{APP}/sessions/{sid}/log",
+                 f"/apps/{APP}/sessions/{sid}/access"):
+        for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Basic dG9rLWE6"},
+                        {"X-Amzn-Oidc-Identity": "auditor-a", "X-Forwarded-User": "auditor-a"}):
+            status, _, raw = h.api_get(path, token=None, headers=headers)
+            assert status == 401 and json_body(raw)["error"] == "unauthorized", (path, headers, raw)
+    no_s3(h, calls)
+
+
+@row("API-02", "hostile-api", "forged or broken identity: a bearer token the authorizer does not know, claims "
+     "without a subject, a blank subject",
+     "401 for each, naming what is missing, before any S3 call")
+def api_forged_identity(h: Harness) -> None:
+    calls = h.inj.count("s3")
+    for token, text in (("tok-forged", "did not pass an authorizer"), ("tok-a.forged", "did not pass an authorizer"),
+                        ("TOK-A", "did not pass an authorizer"), ("tok-nosub", "no subject"),
+                        ("tok-blanksub", "no subject")):
+        status, _, raw = h.api_get(f"/apps/{APP}/sessions", token=token)
+        body = json_body(raw)
+        assert status == 401 and body["error"] == "unauthorized" and text in body["message"], (token, raw)
+    no_s3(h, calls)
+
+
+@row("API-03", "hostile-api", "another app's ids: a caller of app-a reads app-b's timeline, session, log and "
+     "access list; callers whose claim says 'app-*', 'app' or a list with look-alikes",
+     "403 {\"error\": \"forbidden\"}, byte-identical before and after app-b has a filed session (existence is not "
+     "revealed), before any S3 call")
+def api_other_app(h: Harness) -> None:
+    sid = new_session_id()
+    paths = [f"/apps/{OTHER_APP}/sessions", f"/apps/{OTHER_APP}/sessions/{sid}",
+             f"/apps/{OTHER_APP}/sessions/{sid}/log", f"/apps/{OTHER_APP}/sessions/{sid}/access"]
+    calls = h.inj.count("s3")
+    before = [h.api_get(p, "tok-a") for p in paths]
+    no_s3(h, calls)
+    chunks = staged(h, 1, app=OTHER_APP, sid=sid)
+    file_and_account(h, chunks)
+    h.inj.clear()
+    calls = h.inj.count("s3")
+    after = [h.api_get(p, "tok-a") for p in paths]
+    for (s1, _, b1), (s2, _, b2) in zip(before, after, strict=True):
+        assert (s1, b1) == (s2, b2) and s1 == 403 and json_body(b1)["error"] == "forbidden", (b1, b2)
+    for token in ("tok-glob", "tok-list"):
+        status, _, raw = h.api_get(f"/apps/{APP}/sessions/{sid}/log", token)
+        assert status == 403, (token, raw)
+    no_s3(h, calls)
+    status, _ = h.api_json(f"/apps/{OTHER_APP}/sessions/{sid}/log", "tok-b")  # the right caller still reads it
+    assert status == 200
+
+
+@row("API-04", "hostile-api", "path traversal and look-alikes in ids: '..', '%2E%2E', '..%2F..%2Flogs', NUL, "
+     "fullwidth digits, a Cyrillic letter, upper case, 200-character ids",
+     "400 {\"error\": \"bad_request\"} naming the id (or 404 'no such route' when the path no longer has the route's "
+     "shape), before any S3 call and before the identity is even looked at")
+def api_path_traversal(h: Harness) -> None:
+    sid = new_session_id()
+    bad_ids = {
+        f"/apps/{APP}/sessions/..": 400, f"/apps/{APP}/sessions/%2E%2E/log": 400, "/apps/%2E%2E/sessions": 400,
+        f"/apps/{APP}/sessions/{sid}%00/log": 404, f"/apps/{APP}/sessions/{sid[:-1]}%EF%BC%91": 400,
+        f"/apps/%D0%B0pp-a/sessions/{sid}": 400, "/apps/APP-A/sessions": 400, f"/apps/{'a' * 200}/sessions": 400,
+        f"/apps/{APP}/sessions/{'S' * 200}/log": 400, f"/apps/{APP}/sessions/{sid}..x": 400,
+        f"/apps/..%2F{OTHER_APP}/sessions": 404, f"/apps/{APP}/sessions/..%2F..%2Flogs%2F{OTHER_APP}%2F{sid}": 404,
+        f"/apps/{APP}/sessions/{sid}/..%2F..%2F..%2F{OTHER_APP}/sessions": 404,
+    }
+    calls = h.inj.count("s3")
+    for path, expected in bad_ids.items():
+        for token in ("tok-all", None):
+            status, _, raw = h.api_get(path, token)
+            body = json_body(raw)
+            assert status == expected, (path, token, status, raw)
+            assert body["error"] == ("bad_request" if expected == 400 else "not_found"), (path, raw)
+            assert "Traceback" not in raw.decode(), raw
+            if expected == 400:
+                assert "invalid app id" in body["message"] or "invalid session id" in body["message"], body
+    no_s3(h, calls)
+
+
+@row("API-05", "hostile-api", "oversized, repeated and unknown query parameters: actor of 2000 characters, "
+     "limit given twice, an unknown parameter, a 100 KB URL",
+     "400 naming the parameter ('longer than 1024 characters', 'given more than once', 'unknown parameter'); "
+     "the 100 KB URL is refused by the HTTP layer with 414 before the function runs; no S3 call")
+def api_oversized_query(h: Harness) -> None:
+    base = f"/apps/{APP}/sessions"
+    calls = h.inj.count("s3")
+    for query, field, text in ((f"actor={'x' * 2000}", "actor", "longer than 1024 characters"),
+                               ("limit=1&limit=2", "limit", "given more than once"),
+                               ("debug=1", "debug", "unknown parameter"),
+                               (f"cursor={'A' * 1100}", "cursor", "longer than 1024 characters")):
+        status, _, raw = h.api_get(f"{base}?{query}", "tok-all")
+        body = json_body(raw)
+        assert status == 400 and body["message"].startswith(f"query: {field}: ") and text in body["message"], raw
+    invoked = h.api().requests
+    status, _, _ = h.api_get(f"{base}?actor={'y' * 100_000}", "tok-all")
+    assert status == 414 and h.api().requests == invoked
+    no_s3(h, calls)
+
+
+@row("API-06", "hostile-api", "malformed query values: limit 0, 201, -1, 1.5, an Arabic-Indic digit; from "
+     "'yesterday', a time with an offset, from after to; status 'bogus' and empty; format 'html' on the log route",
+     "400 naming the parameter for each; no S3 call")
+def api_malformed_query(h: Harness) -> None:
+    sid = new_session_id()
+    calls = h.inj.count("s3")
+    cases = [("limit=0", "limit"), ("limit=201", "limit"), ("limit=-1", "limit"), ("limit=1.5", "limit"),
+             ("limit=%D9%A3", "limit"), ("from=yesterday", "from"), ("from=2026-11-25T00:00:00%2B01:00", "from"),
+             ("from=2026-11-25T00:00:00Z&to=2026-11-24T00:00:00Z", "from"), ("status=bogus", "status"),
+             ("status=", "status"), ("to=2026-13-01T00:00:00Z", "to")]
+    for query, field in cases:
+        status, _, raw = h.api_get(f"/apps/{APP}/sessions?{query}", "tok-all")
+        assert status == 400 and json_body(raw)["message"].startswith(f"query: {field}"), (query, raw)
+    status, _, raw = h.api_get(f"/apps/{APP}/sessions/{sid}/log?format=html", "tok-all")
+    assert status == 400 and json_body(raw)["message"].startswith("query: format"), raw
+    no_s3(h, calls)
+
+
+@row("API-07", "hostile-api", "cursor tampering: another app's cursor, a cursor naming a key with '../', padded, "
+     "re-ordered JSON, garbage, and one edited into another valid position of the same app",
+     "400 'belongs to another app' / 'malformed' / 'not in canonical form' for each tampered cursor; an edited but "
+     "well-formed cursor only moves within the caller's own app; the genuine cursors page through every session "
+     "exactly once")
+def api_cursor_tampering(h: Harness) -> None:
+    from oneoff_audit.api.timeline import encode_cursor
+
+    sessions: list[hs.StagedChunks] = []
+    for n in range(3):
+        sid = new_session_id()
+        chunks = hs.build_chunks(APP, sid, session_batches(1))
+        hs.stage(h.bucket, chunks, opened=hs.session_header(APP, sid, started_at=f"2026-11-25T1{n}:00:00.000000Z"))
+        sessions.append(chunks)
+    h.deliver(1)
+    seen, cursor = [], None
+    while True:
+        status, body = h.api_json(f"/apps/{APP}/sessions?limit=1" + (f"&cursor={cursor}" if cursor else ""), "tok-all")
+        assert status == 200, body
+        seen += [s["session_id"] for s in body["sessions"]]
+        cursor = body["cursor"]
+        if cursor is None:
+            break
+        genuine = cursor
+    assert seen == [c.session_id for c in reversed(sessions)]
+    raw = json.loads(base64.urlsafe_b64decode(genuine + "=" * (-len(genuine) % 4)))
+    name = raw["before"]
+
+    def b64(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    tampered = {
+        encode_cursor(OTHER_APP, name): "belongs to another app",
+        encode_cursor(APP, "../" + name): "malformed",
+        genuine + "==": "malformed",
+        b64(json.dumps({"v": 1, "before": name, "app": APP})): "not in canonical form",
+        b64(json.dumps({"app": APP, "before": name, "v": 1, "admin": True}, sort_keys=True)): "malformed",
+        "!!!garbage": "malformed",
+        "A" * 600: "malformed",
+    }
+    calls = h.inj.count("s3")
+    for token, text in tampered.items():
+        status, _, raw_body = h.api_get(f"/apps/{APP}/sessions?cursor={quote(token)}", "tok-all")
+        body = json_body(raw_body)
+        assert status == 400 and body["message"].startswith("query: cursor") and text in body["message"], (token, body)
+    no_s3(h, calls)
+    moved = encode_cursor(APP, name.replace("20261125T11", "20261125T12"))
+    status, body = h.api_json(f"/apps/{APP}/sessions?cursor={moved}", "tok-all")
+    assert status == 200 and {s["app"] for s in body["sessions"]} <= {APP}, body
+
+
+def _sigv4_signature(url: str, secret: str) -> tuple[str, str]:
+    """(signature in the URL, signature recomputed over the URL's method, path, query and host)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = dict(query)["X-Amz-Signature"]
+    canonical_query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}"
+                               for k, v in sorted(query) if k != "X-Amz-Signature")
+    canonical = "\n".join(["GET", parts.path, canonical_query, f"host:{parts.netloc}", "", "host",
+                           "UNSIGNED-PAYLOAD"])
+    params = dict(query)
+    date, scope = params["X-Amz-Date"], params["X-Amz-Credential"].split("/", 1)[1]
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + secret).encode()
+    for part in scope.split("/"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return given, hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+def _presigned(h: Harness, sid: str) -> tuple[dict[str, Any], dict[str, str]]:
+    status, body = h.api_json(f"/apps/{APP}/sessions/{sid}/log")
+    assert status == 200 and set(body) == {"download_url", "expires_in", "size", "sha256", "encryption"}, body
+    return body, dict(parse_qsl(urlsplit(body["download_url"]).query))
+
+
+@row("API-08", "hostile-api", "presigned URLs (INLINE_MAX_BYTES 0, PRESIGN_TTL 3600): their expiry, their key "
+     "scope, reuse for another object, and replay after expiry",
+     "expires_in = X-Amz-Expires = 900 (PRESIGN_TTL capped); the URL names exactly logs/app-a/<session>.jsonl.enc "
+     "and the filed versionId, signs only the host header, and its SigV4 signature covers path, version and "
+     "expiry (any edit yields a signature S3 refuses); fetched within its life it returns exactly the stored "
+     "object; the issue of the URL is an access record")
+def api_presigned_scope(h: Harness) -> None:
+    h.monkeypatch.setenv("INLINE_MAX_BYTES", "0")
+    h.monkeypatch.setenv("PRESIGN_TTL", "3600")
+    chunks = staged(h, 1)
+    file_and_account(h, chunks)
+    log_key = keys.log_key(APP, chunks.session_id)
+    (version,) = h.versions(log_key)
+    before = time.time()
+    body, params = _presigned(h, chunks.session_id)
+    url = body["download_url"]
+    assert body["expires_in"] == 900 and params["X-Amz-Expires"] == "900"
+    signed_at = datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    assert before - 5 <= signed_at <= time.time() + 5
+    assert urlsplit(url).path == f"/{h.bucket}/{log_key}" and params["versionId"] == version["VersionId"]
+    assert params["X-Amz-SignedHeaders"] == "host" and params["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+    assert params["X-Amz-Credential"].endswith("/us-east-1/s3/aws4_request")
+    given, recomputed = _sigv4_signature(url, os.environ["AWS_SECRET_ACCESS_KEY"])
+    assert given == recomputed
+    edits = (url.replace(chunks.session_id, new_session_id()), url.replace("X-Amz-Expires=900", "X-Amz-Expires=99999"),
+             url.replace(params["versionId"], "null"))
+    for edit in edits:
+        assert _sigv4_signature(edit, os.environ["AWS_SECRET_ACCESS_KEY"])[1] != given  # S3 refuses the edit
+    with urllib.request.urlopen(url, timeout=30) as response:
+        data = response.read()
+    stored = h.s3.get_object(Bucket=h.bucket, Key=log_key, VersionId=version["VersionId"])["Body"].read()
+    assert data == stored and hashlib.sha256(data).hexdigest() == body["sha256"] and len(data) == body["size"]
+    records = [json.loads(h.s3.get_object(Bucket=h.bucket, Key=k)["Body"].read())
+               for k in h.keys_under(keys.access_prefix(APP, chunks.session_id))]
+    assert [(r["how"], r["expires_in"], r["who"]["subject"]) for r in records] == [("url", 900, "auditor-a")]
+    # Expiry is enforced by S3 from X-Amz-Date + X-Amz-Expires (moto does not check it): a replay after
+    # signed_at + 900 s is refused by AWS. The URL carries nothing that could extend it.
+    assert signed_at + int(params["X-Amz-Expires"]) <= time.time() + 905
+
+
+@row("API-09", "hostile-api", "presigned URL signed with credentials that expire sooner than PRESIGN_TTL (the API's "
+     "credentials come from a container endpoint and expire in 300 s)",
+     "expires_in <= 300 and equal to X-Amz-Expires: a URL never outlives the credentials that signed it")
+def api_presigned_credential_expiry(h: Harness) -> None:
+    h.monkeypatch.setenv("INLINE_MAX_BYTES", "0")
+    h.monkeypatch.setenv("PRESIGN_TTL", "900")
+    chunks = staged(h, 1)
+    file_and_account(h, chunks)
+    server = credential_endpoint(300)
+    h.on_stop(server.shutdown)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        h.monkeypatch.delenv(name, raising=False)
+    h.monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_address[1]}/creds")
+    reset_clients()
+    h.on_stop(reset_clients)  # the next row builds clients from the restored environment
+    body, params = _presigned(h, chunks.session_id)
+    assert 0 < body["expires_in"] <= 300 and params["X-Amz-Expires"] == str(body["expires_in"]), body
+    assert params["X-Amz-Security-Token"] == "container-token"
+
+
+@row("API-10", "hostile-api", "reading a session that is still in staging (recording, then assembling)",
+     "202 {\"status\": \"recording\"} then 202 {\"status\": \"assembling\"} with Retry-After, and nothing else: no "
+     "staged byte is released before the session is filed")
+def api_pending(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(1))
+    hs.stage(h.bucket, chunks, closed=False)
+    for expected in ("recording", "assembling"):
+        for path in (f"/apps/{APP}/sessions/{chunks.session_id}", f"/apps/{APP}/sessions/{chunks.session_id}/log"):
+            status, headers, raw = h.api_get(path)
+            assert (status, json_body(raw)) == (202, {"status": expected}) and headers.get("Retry-After"), raw
+        h.put(keys.closed_key(APP, chunks.session_id), json.dumps(hs.close_marker(chunks)).encode())
+    file_and_account(h, chunks)
