@@ -9,6 +9,7 @@ staged intact, against what the filed log holds. Row ids are referenced by docs/
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import hmac
@@ -1236,3 +1237,156 @@ def api_pending(h: Harness) -> None:
             assert (status, json_body(raw)) == (202, {"status": expected}) and headers.get("Retry-After"), raw
         h.put(keys.closed_key(APP, chunks.session_id), json.dumps(hs.close_marker(chunks)).encode())
     file_and_account(h, chunks)
+
+
+# ================================================================ tampering at rest
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """Run ``oneoff-audit ARGV`` in this process; (exit code, stdout, stderr)."""
+    from oneoff_audit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def verify_chain_findings(h: Harness) -> list[dict[str, Any]]:
+    code, out, err = cli("verify-chain", "--app", APP, "--deep", "--json")
+    report = json.loads(out)
+    assert code == (0 if report["ok"] else 1), (code, err)
+    return report["findings"]
+
+
+def filed_pair(h: Harness) -> tuple[hs.StagedChunks, hs.StagedChunks]:
+    first, second = staged(h, 2, seed=1), staged(h, 2, seed=2)
+    h.deliver(1)
+    for chunks in (first, second):
+        h.assert_no_loss(h.account_staged(chunks, {0, 1}, h.filed(APP, chunks.session_id)))
+    assert verify_chain_findings(h) == []
+    return first, second
+
+
+def ciphertext(h: Harness, sid: str) -> tuple[bytes, str]:
+    (version,) = h.versions(keys.log_key(APP, sid))
+    body = h.s3.get_object(Bucket=h.bucket, Key=keys.log_key(APP, sid), VersionId=version["VersionId"])
+    return body["Body"].read(), version["VersionId"]
+
+
+@row("TAM-01", "tampering", "a flipped byte in a filed log: the log overwritten with one byte changed and the "
+     "filed version deleted; and a downloaded copy with one byte changed",
+     "the API answers 502 {\"error\": \"integrity\"} for the log and releases nothing; verify-chain --deep reports "
+     "log-replaced naming the filed version as no longer stored and exits 1; `oneoff-audit decrypt` of the "
+     "flipped copy exits non-zero with one line and writes no plaintext")
+def tam_flipped_byte(h: Harness) -> None:
+    first, _ = filed_pair(h)
+    sid, key = first.session_id, keys.log_key(APP, first.session_id)
+    data, version = ciphertext(h, sid)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x01
+    h.put(key, bytes(flipped))
+    h.s3.delete_object(Bucket=h.bucket, Key=key, VersionId=version)
+    status, _, raw = h.api_get(f"/apps/{APP}/sessions/{sid}/log")
+    assert status == 502 and json_body(raw)["error"] == "integrity", raw
+    assert first.blobs and b'"o"' not in raw
+    findings = verify_chain_findings(h)
+    assert [(f["kind"], f["key"]) for f in findings] == [("log-replaced", key)], findings
+    assert "no longer stored" in findings[0]["detail"]
+    copy, out = h.tmp / "copy.jsonl.enc", h.tmp / "copy.jsonl"
+    copy.write_bytes(bytes(flipped))
+    code, _, err = cli("decrypt", str(copy), "-o", str(out), "--key-id", h.stack.kms_key_id)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "cannot decrypt" in err, err
+    assert not out.exists() and not list(h.tmp.glob(".oneoff-audit-*"))
+
+
+@row("TAM-02", "tampering", "a log swapped between sessions: session 1's ciphertext PUT at session 2's log key",
+     "the API keeps serving session 2's filed version (pinned by the manifest) byte-exact; verify-chain reports "
+     "log-replaced for session 2; decrypting the swapped object as session 2 fails on the encryption context; "
+     "once the filed version is also deleted the API answers 502 integrity")
+def tam_swapped_log(h: Harness) -> None:
+    first, second = filed_pair(h)
+    key = keys.log_key(APP, second.session_id)
+    swapped, _ = ciphertext(h, first.session_id)
+    _, filed_version = ciphertext(h, second.session_id)
+    h.put(key, swapped)
+    status, body = h.api_json(f"/apps/{APP}/sessions/{second.session_id}/log")
+    assert status == 200, body
+    h.assert_no_loss(h.account_staged(second, {0, 1}, api_log(body), "served after the swap"))
+    findings = verify_chain_findings(h)
+    assert [(f["kind"], f["key"]) for f in findings] == [("log-replaced", key)], findings
+    copy = h.tmp / "swapped.jsonl.enc"
+    copy.write_bytes(swapped)
+    code, _, err = cli("decrypt", str(copy), "-o", str(h.tmp / "swapped.jsonl"), "--app", APP,
+                       "--session", second.session_id)
+    assert code != 0 and f"not {second.session_id!r}" in err, err
+    h.s3.delete_object(Bucket=h.bucket, Key=key, VersionId=filed_version)
+    status, _, raw = h.api_get(f"/apps/{APP}/sessions/{second.session_id}/log")
+    assert status == 502 and json_body(raw)["error"] == "integrity", raw
+
+
+@row("TAM-03", "tampering", "a deleted index entry",
+     "the session disappears from the timeline but stays reachable by id: its details report 'index entry "
+     "missing: the session is not on the timeline' and its log is still served byte-exact")
+def tam_deleted_index(h: Harness) -> None:
+    first, second = filed_pair(h)
+    (entry,) = [k for k in h.keys_under(keys.index_prefix(APP)) if first.session_id in k]
+    h.s3.delete_object(Bucket=h.bucket, Key=entry)
+    status, body = h.api_json(f"/apps/{APP}/sessions")
+    assert status == 200 and [s["session_id"] for s in body["sessions"]] == [second.session_id], body
+    status, body = h.api_json(f"/apps/{APP}/sessions/{first.session_id}")
+    assert status == 200 and any("index entry missing" in p for p in body["integrity"]["problems"]), body
+    status, body = h.api_json(f"/apps/{APP}/sessions/{first.session_id}/log")
+    assert status == 200
+    h.assert_no_loss(h.account_staged(first, {0, 1}, api_log(body), "served without an index entry"))
+
+
+@row("TAM-04", "tampering", "an edited plaintext log (a downloaded, decrypted copy): one output byte changed; "
+     "one event line removed; the trailer's byte counts edited to match",
+     "`oneoff-audit verify FILE --manifest M` exits 1 naming the SHA-256 difference (and the count difference); "
+     "the untouched copy verifies OK")
+def tam_edited_plaintext(h: Harness) -> None:
+    first, _ = filed_pair(h)
+    sid = first.session_id
+    plain = h.filed(APP, sid).plaintext
+    manifest = h.tmp / "manifest.json"
+    manifest.write_bytes(h.s3.get_object(Bucket=h.bucket, Key=keys.manifest_key(APP, sid))["Body"].read())
+    good = h.tmp / "good.jsonl"
+    good.write_bytes(plain)
+    assert cli("verify", str(good), "--manifest", str(manifest))[0] == 0
+    lines = plain.splitlines(keepends=True)
+    edited = bytearray(plain)
+    at = plain.index(b"chunk 1 line 3")
+    edited[at] = ord("C")
+    dropped = b"".join(lines[:5] + lines[6:])
+    trailer = json.loads(lines[-1])
+    trailer["bytes"]["o"] += 1
+    recounted = b"".join(lines[:-1]) + formats.dumps_line(trailer)
+    for name, content, text in (("edited", bytes(edited), "SHA-256"), ("dropped", dropped, "differ from the trailer"),
+                                ("recounted", recounted, "SHA-256")):
+        path = h.tmp / f"{name}.jsonl"
+        path.write_bytes(content)
+        code, _, err = cli("verify", str(path), "--manifest", str(manifest))
+        assert code == 1 and "FAILED" in err and text in err, (name, err)
+
+
+@row("TAM-05", "tampering", "an edited manifest: complete and ciphertext_sha256 changed and re-PUT (canonical "
+     "JSON, old signature kept); then the signature replaced by another manifest's",
+     "verify-chain reports manifest-edited (the signature does not verify over the stored bytes); the API refuses "
+     "to serve the log against the edited manifest (502 integrity), releasing nothing")
+def tam_edited_manifest(h: Harness) -> None:
+    from oneoff_audit.evidence import signing
+
+    first, second = filed_pair(h)
+    key = keys.manifest_key(APP, first.session_id)
+    doc = json.loads(h.s3.get_object(Bucket=h.bucket, Key=key)["Body"].read())
+    doc["ciphertext_sha256"] = "f" * 64
+    h.put(key, signing.canonical_bytes(doc))
+    findings = verify_chain_findings(h)
+    assert [(f["kind"], f["key"]) for f in findings] == [("manifest-edited", key)], findings
+    assert "signature does not verify" in findings[0]["detail"]
+    status, _, raw = h.api_get(f"/apps/{APP}/sessions/{first.session_id}/log")
+    assert status == 502 and json_body(raw)["error"] == "integrity", raw
+    other_sig = h.s3.get_object(Bucket=h.bucket, Key=keys.manifest_key(APP, second.session_id) + ".sig")
+    h.put(key + ".sig", other_sig["Body"].read())
+    findings = verify_chain_findings(h)
+    assert [(f["kind"], f["key"]) for f in findings] == [("manifest-edited", key)], findings
