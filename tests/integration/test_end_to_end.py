@@ -51,11 +51,15 @@ out("caf\u00e9 \u20ac \xff\xfe done\r\n".encode("utf-8", "surrogateescape") + b"
 def local_stack(moto_endpoint):
     """The embedded stack (`oneoff-audit local`) in this process, on the shared moto server."""
     from oneoff_audit import local
+    from oneoff_audit.aws import reset_clients
 
-    port = int(moto_endpoint.rsplit(":", 1)[1])
-    stack = local.start(port=0, s3_port=port, bucket=f"e2e-{new_session_id().lower()}")
+    saved = dict(os.environ)
+    stack = local.start(port=0, endpoint=moto_endpoint, bucket=f"e2e-{new_session_id().lower()}")
     yield stack
     stack.stop()
+    os.environ.clear()
+    os.environ.update(saved)
+    reset_clients()
 
 
 def api_get(stack, path: str) -> tuple[int, dict]:
@@ -122,6 +126,10 @@ def test_pty_session_bytes_survive_capture_assembly_and_api(local_stack, tmp_pat
     # readable text stays text: the euro sign is a plain string in some stdout event
     assert any(isinstance(d, str) and "\u20ac" in d for _, s, d in events if s == "o")
 
+    # the index entry is written right after the log (log -> manifest -> index -> staging removed)
     status, timeline = api_get(local_stack, "/apps/e2e-app/sessions")
+    while status == 200 and not timeline["sessions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status, timeline = api_get(local_stack, "/apps/e2e-app/sessions")
     assert status == 200
     assert [s["session_id"] for s in timeline["sessions"]] == [session_id]

@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from oneoff_audit.aws import client, reset_clients
+from oneoff_audit.errors import OneoffAuditError
 from oneoff_audit.provision import Resources, provision
 
 DEFAULT_BUCKET = "oneoff-audit-local"
@@ -254,6 +256,23 @@ class LocalStack:
         self._stoppers.clear()
 
 
+def _start_moto(port: int, stoppers: list[Callable[[], None]]) -> str:
+    """Start moto's server on 127.0.0.1:``port``; fail clearly when the port is taken."""
+    from moto.server import ThreadedMotoServer
+
+    if port:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as err:
+                raise OneoffAuditError(f"cannot start the moto server on 127.0.0.1:{port}: {err.strerror}") from err
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    stoppers.append(moto.stop)
+    host, bound = moto.get_host_and_port()
+    return f"http://{host}:{bound}"
+
+
 def start(
     port: int = 0,
     s3_port: int = 0,
@@ -262,9 +281,12 @@ def start(
     sweep_interval: float = 60.0,
     digest_interval: float = 3600.0,
     abandon_after: int = 3600,
+    endpoint: str | None = None,
 ) -> LocalStack:
-    """Start every part on 127.0.0.1 and return the running stack (ports 0 = pick free ones)."""
-    from moto.server import ThreadedMotoServer
+    """Start every part on 127.0.0.1 and return the running stack (ports 0 = pick free ones).
+
+    With ``endpoint`` an already running moto server is used instead of starting one.
+    """
 
     for name, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"),
                         ("AWS_DEFAULT_REGION", "us-east-1")):
@@ -273,14 +295,11 @@ def start(
     os.environ.setdefault("POWERTOOLS_METRICS_NAMESPACE", "OneoffAudit")
     os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
     stoppers: list[Callable[[], None]] = []
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
-    moto.start()
+    if endpoint is None:
+        endpoint = _start_moto(s3_port, stoppers)
     from oneoff_audit.evidence.moto_compat import honour_kms_digest_messages
 
     honour_kms_digest_messages()  # moto signs DIGEST messages like AWS does (large digests)
-    stoppers.append(moto.stop)
-    host, bound = moto.get_host_and_port()
-    endpoint = f"http://{host}:{bound}"
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     reset_clients()
     resources = provision(bucket=bucket)
