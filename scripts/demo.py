@@ -150,6 +150,7 @@ def main() -> int:
         env = {**base_env, **dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)}
         print(f"API {env['ONEOFF_AUDIT_API_URL']}   S3/KMS/SQS {env['AWS_ENDPOINT_URL']}   "
               f"bucket {env['AUDIT_BUCKET']}")
+        print(f"Dashboard (while the demo runs): {env['ONEOFF_AUDIT_API_URL']}/#token={env['ONEOFF_AUDIT_TOKEN']}")
 
         title("Session 1: an interactive bash in a PTY, recorded by oneoff-audit record")
         first = record_interactive(env)

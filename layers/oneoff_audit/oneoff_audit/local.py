@@ -15,6 +15,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +331,11 @@ def start(
 
 
 def _cmd_local(args: argparse.Namespace) -> int:
+    os.environ["POWERTOOLS_LOG_LEVEL"] = args.log_level  # before the handlers (and their Loggers) load
+    logging.getLogger("werkzeug").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.ERROR)
+    if args.log_level in ("WARNING", "ERROR"):  # no CloudWatch EMF metric lines on the terminal
+        os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+        warnings.filterwarnings("ignore", message="No application metrics to publish")
     tokens: dict[str, dict[str, str]] = {}
     if args.tokens_file:
         tokens = json.loads(Path(args.tokens_file).read_text("utf-8"))
@@ -358,6 +365,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8700, help="API port (0 = any free port)")
     p.add_argument("--s3-port", type=int, default=8701, help="moto server port for S3/KMS/SQS (0 = any free port)")
     p.add_argument("--bucket", default=DEFAULT_BUCKET)
+    p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="level of the functions' JSON logs (stdout) and of the moto server's request log")
     p.add_argument("--env-file", help="also write the environment (KEY=VALUE lines) to this file once ready")
     p.add_argument("--tokens-file", help="JSON {token: claims} of extra API callers")
     p.add_argument("--sweep-interval", type=float, default=60.0, help="seconds between sweeper runs")
