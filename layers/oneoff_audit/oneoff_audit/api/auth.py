@@ -6,7 +6,7 @@ The identity comes from the API Gateway authorizer context, in this order:
 2. ``requestContext.authorizer.jwt.claims`` (JWT authorizer of an HTTP API),
 3. ``requestContext.authorizer`` itself (a Lambda authorizer's context, subject in ``principalId``).
 
-Claims read (documented in docs/API.md):
+Claims read:
 
 * ``sub`` (or ``principalId``): the caller's subject, required; without it the request is 401.
 * ``custom:audit_apps``: the app ids the caller may read, separated by commas and/or spaces
