@@ -29,9 +29,17 @@ CLI = str(Path(sys.executable).parent / "oneoff-audit")
 HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
-def record_cmd(app: str, session_id: str, *args: str) -> list[str]:
-    """``oneoff-audit record`` with the fixed options the tests use, then ``args`` (options, ``--``, CMD)."""
-    return [CLI, "record", "--app", app, "--actor-id", "tester", "--session-id", session_id, *args]
+MODULE = [sys.executable, "-m", "oneoff_audit.capture"]
+
+
+def record_cmd(app: str, session_id: str, *args: str, cli: bool = False) -> list[str]:
+    """``record`` with the fixed options the tests use, then ``args`` (options, ``--``, CMD).
+
+    ``cli=True`` runs the ``oneoff-audit`` entry point; otherwise ``python -m oneoff_audit.capture``
+    (the same command without loading the other components, so each test starts faster).
+    """
+    entry = [CLI] if cli else MODULE
+    return [*entry, "record", "--app", app, "--actor-id", "tester", "--session-id", session_id, *args]
 
 
 @dataclass

@@ -32,7 +32,7 @@ def test_all_256_byte_values_on_stdout_exact_and_header_written(stack, tmp_path)
     proc = subprocess.run(
         record_cmd("app-bytes", sid, "--tty", "never", "--target", "region=eu-1", "--actor-name", "Tess",
                    "--source-ip", "10.1.2.3", "--spool-dir", str(tmp_path / "spool"), "--",
-                   PY, "-c", f"import sys; sys.stdout.buffer.write({payload!r})", "ärg\udcff"),
+                   PY, "-c", f"import sys; sys.stdout.buffer.write({payload!r})", "ärg\udcff", cli=True),
         env=env, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == payload
@@ -129,12 +129,12 @@ def test_utf8_character_split_across_two_chunks_is_written_whole(stack):
     program = (
         "import os, time\n"
         "os.write(1, b'price: 12 \\xe2\\x82')\n"  # first two bytes of the euro sign...
-        "time.sleep(0.8)\n"  # ...the chunk closes by age meanwhile...
+        "time.sleep(0.5)\n"  # ...the chunk closes by age meanwhile...
         "os.write(1, b'\\xac and \\xf0\\x9f')\n"  # ...the third byte, then half of an emoji
-        "time.sleep(0.8)\n"
+        "time.sleep(0.5)\n"
         "os.write(1, b'\\x8e\\x89 ok\\n')\n"
     )
-    proc = run(stack, *record_cmd("app-utf8", sid, "--tty", "never", "--chunk-seconds", "0.3", "--",
+    proc = run(stack, *record_cmd("app-utf8", sid, "--tty", "never", "--chunk-seconds", "0.2", "--",
                                   PY, "-c", program))
     assert proc.returncode == 0, proc.stderr
     staged = read_staging(stack.bucket, "app-utf8", sid)

@@ -96,7 +96,7 @@ def terminal():
 
 def test_typed_bytes_resize_and_terminal_restored(stack, terminal):
     sid = new_session_id()
-    proc = terminal.start(record_cmd("app-pty", sid, "--", PY, "-c", ECHO_PROGRAM), stack.env())
+    proc = terminal.start(record_cmd("app-pty", sid, "--", PY, "-c", ECHO_PROGRAM, cli=True), stack.env())
     terminal.wait_for(b"READY 91x27\r\n")
     assert termios.tcgetattr(terminal.slave) != terminal.attrs_before  # raw while the session runs
     terminal.resize(100, 40)  # the kernel sends SIGWINCH to the agent, which passes the size on

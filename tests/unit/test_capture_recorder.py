@@ -86,13 +86,15 @@ def test_event_line_is_byte_identical_to_dumps_line(t, stream, value):
     assert event_line(t, stream, value) == formats.dumps_line([t, stream, value])
 
 
-def test_encode_chunk_lines_is_byte_identical_to_encode_chunk():
+def test_encode_chunk_lines_has_the_layout_of_encode_chunk():
     header = {"format": "oneoff-audit.chunk", "version": 1, "session_id": "S1", "app": "a", "seq": 3,
               "first_event_index": 7, "prev_chunk_sha256": "0" * 64}
     events = [[0.5, "o", "h\u00e9llo\n"], [0.6, "e", {"b64": "/w=="}], [0.7, "r", "80x24"],
               [0.8, "m", {"kind": "input-withheld", "bytes": 3}]]
     lines = [formats.dumps_line(e) for e in events]
-    assert encode_chunk_lines(header, lines) == formats.encode_chunk(header, events)
+    assert encode_chunk_lines(header, lines, level=6) == formats.encode_chunk(header, events)
+    assert gzip.decompress(encode_chunk_lines(header, lines)) == gzip.decompress(formats.encode_chunk(header, events))
+    assert formats.read_chunk(encode_chunk_lines(header, lines), "chunk") == (header, events)
 
 
 reads = st.lists(st.tuples(st.sampled_from("ioe"), st.binary(min_size=1, max_size=40),

@@ -36,8 +36,7 @@ from dataclasses import dataclass
 
 from oneoff_audit.capture.recorder import Recorder
 
-READ_SIZE = 64 * 1024  # one read, so one event line, stays small
-READS_PER_WAKEUP = 8
+READ_SIZE = 64 * 1024  # one read (or burst of PTY reads), so one event line, stays small
 INPUT_BUFFER_MAX = 64 * 1024  # typed/piped bytes waiting for the command before stdin is paused
 DRAIN_IDLE = 0.1  # after the command exits: stop when its outputs are silent this long...
 DRAIN_MAX = 2.0  # ...or after this long (background processes still holding the PTY or pipes)
@@ -378,21 +377,30 @@ class Relay:
     # ------------------------------------------------------------ data
 
     def _read_output(self, fd: int) -> None:
+        """Read what the command wrote; a burst of PTY reads (~4 KiB each) becomes one event, one write."""
         dst, stream = self.outputs[fd]
-        record = self.recorder.record
-        for _ in range(READS_PER_WAKEUP):  # a PTY read returns at most ~4 KiB: read on while data is there
+        parts = []
+        size = 0
+        eof = False
+        while size < READ_SIZE:
             try:
-                data = os.read(fd, READ_SIZE)
+                data = os.read(fd, READ_SIZE - size)
             except BlockingIOError:
-                return
+                break
             except OSError as err:
                 if err.errno != errno.EIO:  # EIO: the PTY's slave side is closed
                     raise
                 data = b""
             if not data:
-                self._close_output(fd)
-                return
-            record(stream, data)
+                eof = True
+                break
+            parts.append(data)
+            size += len(data)
+            if len(data) < 512:
+                break  # interactive trickle: relay it now (keystroke echo latency)
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.recorder.record(stream, data)
             if self.exit is not None:
                 self._drain_until = min(time.monotonic() + DRAIN_IDLE, self._drain_hard)
             if dst not in self.dead_dst:
@@ -403,10 +411,9 @@ class Relay:
                     # EPIPE/SIGPIPE, as it would have without the agent; on a PTY we keep recording.
                     self.dead_dst.add(dst)
                     if fd != self.master:
-                        self._close_output(fd)
-                        return
-            if len(data) < 512:
-                return  # interactive trickle: back to poll (keeps keystroke latency low)
+                        eof = True
+        if eof:
+            self._close_output(fd)
 
     def _close_output(self, fd: int) -> None:
         self.outputs.pop(fd, None)

@@ -185,6 +185,8 @@ class Uploader:
             if item is None:
                 return
             ok = self._upload(item)
+            if ok and item.path is not None and self.spool is not None:
+                self.spool.remove(item.path)  # before it counts as done: a finished uploader leaves no file
             with self._cond:
                 if item in self._inflight:
                     self._inflight.remove(item)
@@ -200,8 +202,6 @@ class Uploader:
                 if item.first:
                     self._gate_open = True
                 self._cond.notify_all()
-            if ok and item.path is not None and self.spool is not None:
-                self.spool.remove(item.path)
 
     def _upload(self, item: Item) -> bool:
         attempt = 0
