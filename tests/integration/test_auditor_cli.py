@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -89,7 +88,7 @@ def _no_plaintext_left(directory: Path, inputs: set[str]) -> None:
     assert {p.name for p in directory.iterdir()} == inputs
 
 
-def test_tampered_truncated_and_foreign_logs_are_refused_without_leftovers(world, tmp_path, capsys):
+def test_tampered_truncated_and_foreign_logs_are_refused_without_leftovers(world, tmp_path, capsys, monkeypatch):
     good = world.stored("app1", "BIG")
     full, rest = divmod(len(world.plaintext["app1/BIG"]), 1 << 20)
     frame = 4 + 12 + (1 << 20) + 16  # sequence number, IV, 1 MiB of content, tag
@@ -113,7 +112,7 @@ def test_tampered_truncated_and_foreign_logs_are_refused_without_leftovers(world
     assert got.stderr.startswith(b"oneoff-audit decrypt: cannot decrypt: ")
     _no_plaintext_left(tmp_path, inputs)
 
-    os.environ.update({"AUDIT_KMS_KEY_ID": world.kms_key_id})
+    monkeypatch.setenv("AUDIT_KMS_KEY_ID", world.kms_key_id)
     for name in cases:
         assert cli.main(["decrypt", str(tmp_path / name), "-o", str(tmp_path / "out.jsonl")]) == 2
         err = capsys.readouterr().err
@@ -160,7 +159,7 @@ def test_a_truncated_download_is_refused_and_leaves_nothing(tmp_path):
         server.server_close()
 
 
-def test_listing_showing_and_one_line_errors(world, capsys):
+def test_listing_showing_and_one_line_errors(world, capsys, monkeypatch):
     got = run([CLI, "sessions", "--app", "app1"], world.env("reader-token"))
     assert got.returncode == 0, got.stderr
     lines = got.stdout.decode().splitlines()
@@ -169,34 +168,31 @@ def test_listing_showing_and_one_line_errors(world, capsys):
     assert lines[1].split()[2:5] == ["u-42", "succeeded", "0"] and lines[1].endswith("bash -c 'echo hi'")
 
     env = world.env("reader-token")
-    os.environ.update({k: env[k] for k in ("ONEOFF_AUDIT_API_URL", "ONEOFF_AUDIT_TOKEN")})
-    try:
-        assert cli.main(["sessions", "--app", "app1", "--json", "--limit", "1", "--all"]) == 0
-        entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-        assert [e["session_id"] for e in entries] == ["SMALL", "BIG"]
-        assert cli.main(["sessions", "--app", "app2"]) == 2
-        assert capsys.readouterr().err == \
-            "oneoff-audit sessions: 403 forbidden: not allowed to read app 'app2'\n"
-        assert cli.main(["show", "app1", "REC"]) == 75
-        assert capsys.readouterr().err == "oneoff-audit show: the session is still recording; try again later\n"
-        assert cli.main(["show", "app1", "NOPE"]) == 2
-        assert capsys.readouterr().err == "oneoff-audit show: 404 not_found: no session 'NOPE' in app 'app1'\n"
-        assert cli.main(["show", "app1", "SMALL", "--access"]) == 0
-        shown = capsys.readouterr().out
-        assert "session:      app1 / SMALL\n" in shown and "complete:     True\n" in shown
-        assert "viewed:" in shown and "u-reader details" in shown
-        assert cli.main(["sessions", "--app", "app1", "--api-url", "http://127.0.0.1:9"]) == 2
-        assert capsys.readouterr().err.startswith(
-            "oneoff-audit sessions: cannot reach the API at http://127.0.0.1:9: ")
-        del os.environ["ONEOFF_AUDIT_API_URL"]
-        assert cli.main(["sessions", "--app", "app1"]) == 2
-        assert capsys.readouterr().err == \
-            "oneoff-audit sessions: no API URL: pass --api-url or set ONEOFF_AUDIT_API_URL\n"
-        assert cli.main(["sessions", "--app", "../x", "--api-url", "http://127.0.0.1:9"]) == 2
-        assert capsys.readouterr().err.startswith("oneoff-audit sessions: invalid app id '../x'")
-    finally:
-        os.environ.pop("ONEOFF_AUDIT_API_URL", None)
-        os.environ.pop("ONEOFF_AUDIT_TOKEN", None)
+    for name in ("ONEOFF_AUDIT_API_URL", "ONEOFF_AUDIT_TOKEN"):
+        monkeypatch.setenv(name, env[name])
+    assert cli.main(["sessions", "--app", "app1", "--json", "--limit", "1", "--all"]) == 0
+    entries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["session_id"] for e in entries] == ["SMALL", "BIG"]
+    assert cli.main(["sessions", "--app", "app2"]) == 2
+    assert capsys.readouterr().err == \
+        "oneoff-audit sessions: 403 forbidden: not allowed to read app 'app2'\n"
+    assert cli.main(["show", "app1", "REC"]) == 75
+    assert capsys.readouterr().err == "oneoff-audit show: the session is still recording; try again later\n"
+    assert cli.main(["show", "app1", "NOPE"]) == 2
+    assert capsys.readouterr().err == "oneoff-audit show: 404 not_found: no session 'NOPE' in app 'app1'\n"
+    assert cli.main(["show", "app1", "SMALL", "--access"]) == 0
+    shown = capsys.readouterr().out
+    assert "session:      app1 / SMALL\n" in shown and "complete:     True\n" in shown
+    assert "viewed:" in shown and "u-reader details" in shown
+    assert cli.main(["sessions", "--app", "app1", "--api-url", "http://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "oneoff-audit sessions: cannot reach the API at http://127.0.0.1:9: ")
+    monkeypatch.delenv("ONEOFF_AUDIT_API_URL")
+    assert cli.main(["sessions", "--app", "app1"]) == 2
+    assert capsys.readouterr().err == \
+        "oneoff-audit sessions: no API URL: pass --api-url or set ONEOFF_AUDIT_API_URL\n"
+    assert cli.main(["sessions", "--app", "../x", "--api-url", "http://127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err.startswith("oneoff-audit sessions: invalid app id '../x'")
 
 
 def test_verify_and_export_of_a_bad_file_fail_in_one_line(world, tmp_path, capsys):

@@ -28,8 +28,13 @@ DEFAULT_SIZE = (80, 24)
 _CAST_CODE = {"o": "o", "e": "o", "i": "i"}
 
 
+# Line separators other than "\n" stay escaped, so that a reader splitting on any of them (Python's
+# str.splitlines, some JavaScript) still sees one event per line.
+_SEPARATORS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _line(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": ")) + "\n"
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": ")).translate(_SEPARATORS) + "\n"
 
 
 def _marker_label(data: dict[str, Any]) -> str:
