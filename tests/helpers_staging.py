@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import struct
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -331,3 +332,96 @@ def atomic_moto_conditional_writes(monkeypatch: Any) -> None:
                 return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(S3Response, name, serialized)
+
+
+# ---------------------------------------------------------------- big sessions
+
+@dataclass
+class SyntheticSession:
+    """What was staged by :func:`stage_synthetic`: enough to predict the filed log's summary exactly."""
+
+    app: str
+    session_id: str
+    digests: list[str]
+    events: int
+    out_bytes: int
+    body_sha256: Any  # hashlib object over header line + every event line
+    body_size: int
+
+
+def _gzip_member(header_line: bytes, body: bytes, body_deflate: bytes) -> bytes:
+    """One gzip member of ``header_line + body``, reusing ``body``'s raw deflate stream.
+
+    The header line is deflated and followed by a full flush (which resets the compressor, so what
+    follows does not depend on it); the body's stream, made once by a fresh compressor, is appended.
+    """
+    comp = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = comp.compress(header_line) + comp.flush(zlib.Z_FULL_FLUSH)
+    crc = zlib.crc32(body, zlib.crc32(header_line))
+    size = (len(header_line) + len(body)) & 0xFFFFFFFF
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + head + body_deflate + struct.pack("<II", crc, size)
+
+
+def stage_synthetic(bucket: str, app: str, session_id: str, total_bytes: int, chunk_bytes: int = 1 << 20,
+                    seed: int = 7) -> SyntheticSession:
+    """Stage a session of about ``total_bytes`` of event lines (terminal-like text, some non-ASCII).
+
+    For speed every chunk carries the same ~``chunk_bytes`` of events (compressed once); the chunks
+    differ in their headers (seq, hash chain, first event index), which is all the assembler checks
+    across chunks.
+    """
+    import random
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)] + ["caf\u00e9", "\u20ac", "\u2713", "na\u00efve", "\U0001f680"]
+    lines = []
+    size = out_bytes = 0
+    micros = 0
+    while size < chunk_bytes:
+        text = " ".join(rng.choice(words) for _ in range(rng.choice([6, 30, 160, 600]))) + "\r\n"
+        micros += rng.randint(1, 5000)
+        line = b'[%d.%06d,"o",%s]\n' % (micros // 1_000_000, micros % 1_000_000,
+                                         json.dumps(text, ensure_ascii=False).encode("utf-8"))
+        lines.append(line)
+        size += len(line)
+        out_bytes += len(text.encode("utf-8"))
+    body = b"".join(lines)
+    comp = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body_deflate = comp.compress(body) + comp.flush()
+    per_chunk = len(lines)
+    count = -(-total_bytes // len(body))
+
+    header = session_header(app, session_id)
+    put(bucket, keys.opened_key(app, session_id), json.dumps(header).encode())
+    header_line = formats.dumps_line({"type": "header", **header, "format": "oneoff-audit.log"})
+    body_sha = hashlib.sha256(header_line)
+    digests: list[str] = []
+    prev = None
+    for seq in range(count):
+        blob = _gzip_member(formats.dumps_line(chunk_header(app, session_id, seq, seq * per_chunk, prev)),
+                            body, body_deflate)
+        put(bucket, keys.chunk_key(app, session_id, seq), blob)
+        body_sha.update(body)
+        prev = hashlib.sha256(blob).hexdigest()
+        digests.append(prev)
+    marker = {"format": "oneoff-audit.close", "version": 1, "session_id": session_id, "app": app,
+              "ended_at": ENDED_AT, "exit": {"code": 0, "signal": None}, "status": "succeeded", "reason": None,
+              "chunk_count": count, "chunk_sha256": digests, "event_count": count * per_chunk,
+              "bytes": {"i": 0, "o": count * out_bytes, "e": 0}, "withheld_input_bytes": 0, "lost_bytes": 0}
+    put(bucket, keys.closed_key(app, session_id), json.dumps(marker).encode())
+    return SyntheticSession(app, session_id, digests, count * per_chunk, count * out_bytes, body_sha,
+                            len(header_line) + count * len(body))
+
+
+def expected_trailer_line(staged: SyntheticSession, filed_at: str) -> bytes:
+    """The trailer line the assembler must write for a complete synthetic session."""
+    n = len(staged.digests)
+    return formats.dumps_line({
+        "type": "trailer", "session_id": staged.session_id, "app": staged.app, "ended_at": ENDED_AT,
+        "exit": {"code": 0, "signal": None}, "status": "succeeded", "reason": None, "duration": 90.5,
+        "bytes": {"i": 0, "o": staged.out_bytes, "e": 0},
+        "events": {"i": 0, "o": staged.events, "e": 0, "r": 0, "m": 0}, "event_count": staged.events,
+        "chunk_count": n, "expected_chunk_count": n, "chain_sha256": staged.digests[-1], "complete": True,
+        "gaps": {"missing": [], "corrupt": []}, "withheld_input_bytes": 0, "lost_bytes": 0, "filed_at": filed_at,
+    })

@@ -42,7 +42,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
-from oneoff_audit import formats, keys
+from oneoff_audit import crypto, formats, keys
 from oneoff_audit.aws import client
 from oneoff_audit.codec import decode_data
 from oneoff_audit.config import AssemblerConfig
@@ -698,13 +698,16 @@ def render_spooled(plan: Plan, spool: Spool) -> Iterator[bytes]:
 
 
 class _PieceReader(io.RawIOBase):
-    """A readable file over an iterator of byte pieces, hashing what is read."""
+    """A readable file over an iterator of byte pieces, hashing what is read.
+
+    ``read(n)`` returns at most ``n`` bytes and may return fewer (the SDK's reader insists until it
+    has a frame's worth), so pieces are handed on without being gathered into a second buffer.
+    """
 
     def __init__(self, pieces: Iterator[bytes]) -> None:
         super().__init__()
         self._pieces = pieces
-        self._buffer = bytearray()
-        self._eof = False
+        self._current = memoryview(b"")
         self.sha256 = hashlib.sha256()
         self.size = 0
 
@@ -712,14 +715,15 @@ class _PieceReader(io.RawIOBase):
         return True
 
     def read(self, size: int | None = -1) -> bytes:
-        want = size if size is not None and size >= 0 else 1 << 62
-        while len(self._buffer) < want and not self._eof:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(1 << 20), b""))
+        while not self._current:
             try:
-                self._buffer += next(self._pieces)
+                self._current = memoryview(next(self._pieces))
             except StopIteration:
-                self._eof = True
-        out = bytes(self._buffer[:want])
-        del self._buffer[:want]
+                return b""
+        out = bytes(self._current[:size])
+        self._current = self._current[len(out):]
         self.sha256.update(out)
         self.size += len(out)
         return out
@@ -924,7 +928,7 @@ def _upload(config: AssemblerConfig, plan: Plan, reader: ChunkReader, log_key: s
     with MultipartUpload(config.bucket, log_key, metadata=log_metadata(plan), content_type=LOG_CONTENT_TYPE,
                          part_size=part_size) as upload:
         with encrypting_reader(source, config.kms_key_id, plan.app, plan.session_id) as encryptor:
-            while data := encryptor.read(part_size):
+            while data := encryptor.read(crypto.FRAME_LENGTH):  # one frame at a time: small temporaries
                 upload.write(data)
         if source.sha256.hexdigest() != plan.plaintext_sha256 or source.size != plan.plaintext_size:
             raise StagingChangedError("the log's bytes differ from the verified plan; staging changed")

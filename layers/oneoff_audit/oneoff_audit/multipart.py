@@ -46,7 +46,8 @@ class MultipartUpload:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._s3: Any = client("s3")
-        self._buffer = bytearray()
+        self._buffer = bytearray(part_size)
+        self._filled = 0
         self._parts: list[dict[str, Any]] = []
         self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
@@ -86,10 +87,15 @@ class MultipartUpload:
         self._raise_pending()
         self.sha256.update(data)
         self.size += len(data)
-        self._buffer += data
-        while len(self._buffer) >= self.part_size:
-            self._send(bytes(self._buffer[:self.part_size]))
-            del self._buffer[:self.part_size]
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self.part_size - self._filled)
+            self._buffer[self._filled:self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.part_size:
+                self._send(bytes(self._buffer))
+                self._filled = 0
 
     def _send(self, data: bytes) -> None:
         self._sent += 1
@@ -105,9 +111,9 @@ class MultipartUpload:
                 continue
 
     def _finish_sending(self) -> None:
-        if self._buffer or self._sent == 0:
-            self._send(bytes(self._buffer))
-            self._buffer.clear()
+        if self._filled or self._sent == 0:
+            self._send(bytes(self._buffer[:self._filled]))
+            self._filled = 0
         self._queue.put(None)
         self._thread.join()
         self._raise_pending()
