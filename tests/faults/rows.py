@@ -16,6 +16,7 @@ import hmac
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1390,3 +1391,52 @@ def tam_edited_manifest(h: Harness) -> None:
     h.put(key + ".sig", other_sig["Body"].read())
     findings = verify_chain_findings(h)
     assert [(f["kind"], f["key"]) for f in findings] == [("manifest-edited", key)], findings
+
+
+@row("INF-20", "infrastructure", "S3 503 SlowDown on the sweeper's listing of staging (twice) and SQS 500 on its "
+     "SendMessageBatch (once)",
+     "botocore retries them: the abandoned session is enqueued exactly once and filed as abandoned with every "
+     "staged byte")
+def inf_sweeper_faults(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(2))
+    hs.stage(h.bucket, chunks, closed=False)
+    listing = h.inj.add("s3", "ListObjectsV2", s3_error(), times=2)
+    send = h.inj.add("sqs", "SendMessageBatch", kms_error("InternalError", 500), times=1)
+    assert h.sweep(after=3601) == [(APP, chunks.session_id)]
+    assert (listing.hits, send.hits) == (2, 1)
+    h.inj.clear()
+    handled = h.deliver(2)
+    assert [failed for _, failed in handled] == [False]
+    filed = h.filed(APP, chunks.session_id)
+    assert (filed.trailer["status"], filed.trailer["complete"]) == ("abandoned", False)
+    h.assert_no_loss(h.account_staged(chunks, {0, 1}, filed))
+    h.assert_filed_once(APP, chunks.session_id)
+
+
+CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]")  # C0 (but tab, newline) and C1 controls
+
+
+@row("HRI-17", "hostile-runner", "terminal escape sequences in runner-controlled metadata: an argv with an OSC 52 "
+     "clipboard write and a window-title OSC, an actor name that clears the screen, a target value with a CSI "
+     "cursor move and a C1 CSI; an auditor runs `oneoff-audit sessions` and `oneoff-audit show`",
+     "the CLI prints every runner-controlled string with control characters made visible (escaped): no ESC, BEL "
+     "or C1 byte reaches the auditor's terminal; --json output is escaped JSON")
+def hri_terminal_escapes(h: Harness) -> None:
+    sid = new_session_id()
+    chunks = hs.build_chunks(APP, sid, session_batches(1))
+    opened = hs.session_header(APP, sid)
+    opened["command"]["argv"] = ["bash", "-c", "printf '\x1b]52;c;cm0gLXJmIH4K\x07\x1b]0;auditor@prod\x07'"]
+    opened["actor"]["name"] = "Ada\x1b[2J\x1b[H(root)"
+    opened["target"] = {"org": "acme\x1b[1A\x1b[2Kforged line", "space": "prod\u009b31m"}
+    hs.stage(h.bucket, chunks, opened=opened)
+    file_and_account(h, chunks)
+    api = ["--api-url", h.api().url, "--token", "tok-a"]
+    leaks = {}
+    for argv in (["sessions", "--app", APP, *api], ["show", APP, sid, *api],
+                 ["sessions", "--app", APP, "--json", *api], ["show", APP, sid, "--json", *api]):
+        code, out, err = cli(*argv)
+        assert code == 0, err
+        found = CONTROL.findall(out.encode())
+        if found:
+            leaks[" ".join(argv[:argv.index("--api-url")])] = sorted(set(found))
+    assert leaks == {}, f"control characters printed raw to the auditor's terminal: {leaks}"
