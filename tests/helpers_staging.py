@@ -425,3 +425,49 @@ def expected_trailer_line(staged: SyntheticSession, filed_at: str) -> bytes:
         "chunk_count": n, "expected_chunk_count": n, "chain_sha256": staged.digests[-1], "complete": True,
         "gaps": {"missing": [], "corrupt": []}, "withheld_input_bytes": 0, "lost_bytes": 0, "filed_at": filed_at,
     })
+
+
+# ---------------------------------------------------------------- without S3
+
+class MemoryReader:
+    """A chunk reader over a dict of objects, handing out pieces of random (seeded) size."""
+
+    def __init__(self, blobs: dict[int, bytes], seed: int = 0, app: str = "billing.api",
+                 session_id: str = "01JDQ4W3ZC8N7R6T5Y4X3W2V1A") -> None:
+        import random
+
+        self.blobs = dict(blobs)
+        self.rng = random.Random(seed)
+        self.reads: list[int] = []
+        self.prefix = keys.session_prefix(app, session_id)
+
+    def staged(self) -> dict[int, Any]:
+        """The listing the assembler would get: StagedChunk per seq."""
+        from oneoff_audit.staging import StagedChunk
+
+        return {seq: StagedChunk(seq, f"{self.prefix}chunks/{seq:08d}.gz", len(b), f'"{seq}"')
+                for seq, b in self.blobs.items()}
+
+    def read_chunk(self, chunk: Any) -> Iterator[bytes]:
+        self.reads.append(chunk.seq)
+        data = self.blobs[chunk.seq]
+        pos = 0
+        while pos < len(data):
+            step = self.rng.choice([1, 7, 100, 4096, 65536, 1 << 20])
+            yield data[pos:pos + step]
+            pos += step
+
+
+def sample_batches(n: int, per: int = 3) -> list[list[list[Any]]]:
+    """``n`` chunks' worth of events: text lines, a character split across events, stdin, a resize."""
+    out = []
+    t = 0.0
+    for seq in range(n):
+        texts: list[bytes | str] = [f"chunk {seq} line {i}\r\n" for i in range(per)]
+        texts += ["caf\u00e9 ", "\u20ac".encode()[:2]]
+        events = output_events(texts, start=t)
+        events.append([events[-1][0], "i", "ls -l\r"])
+        events.append([events[-1][0], "r", "120x40"])
+        t = events[-1][0]
+        out.append(events)
+    return out

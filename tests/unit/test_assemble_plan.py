@@ -11,18 +11,17 @@ import gzip
 import hashlib
 import io
 import json
-import random
-from collections.abc import Iterator
 
 import pytest
 from helpers_staging import (
     CORRUPTIONS,
     ENDED_AT,
+    MemoryReader,
     build_chunks,
     close_marker,
     corrupt_case,
     expected_log,
-    output_events,
+    sample_batches,
     session_header,
     with_bad_chunk,
 )
@@ -31,7 +30,7 @@ from hypothesis import strategies as st
 
 from oneoff_audit import assemble, formats
 from oneoff_audit.assemble import Plan, render_log, verify_session
-from oneoff_audit.staging import StagedChunk, StagingChangedError
+from oneoff_audit.staging import StagingChangedError
 
 pytestmark = pytest.mark.unit
 
@@ -39,43 +38,8 @@ APP, SID = "billing.api", "01JDQ4W3ZC8N7R6T5Y4X3W2V1A"
 FILED_AT = "2026-11-25T15:00:00.000001Z"
 
 
-class MemoryReader:
-    """Serves chunk objects from a dict, in pieces of random size (seeded)."""
-
-    def __init__(self, blobs: dict[int, bytes], seed: int = 0) -> None:
-        self.blobs = dict(blobs)
-        self.rng = random.Random(seed)
-        self.reads: list[int] = []
-
-    def staged(self) -> dict[int, StagedChunk]:
-        return {seq: StagedChunk(seq, f"staging/{APP}/{SID}/chunks/{seq:08d}.gz", len(b), f'"{seq}"')
-                for seq, b in self.blobs.items()}
-
-    def read_chunk(self, chunk: StagedChunk) -> Iterator[bytes]:
-        self.reads.append(chunk.seq)
-        data = self.blobs[chunk.seq]
-        pos = 0
-        while pos < len(data):
-            step = self.rng.choice([1, 7, 100, 4096, 65536, 1 << 20])
-            yield data[pos:pos + step]
-            pos += step
-
-
-def batches_of(n: int, per: int = 3) -> list[list[list]]:
-    out = []
-    t = 0.0
-    for seq in range(n):
-        texts = [f"chunk {seq} line {i}\r\n" for i in range(per)] + ["caf\u00e9 ", "\u20ac".encode()[:2]]
-        events = output_events(texts, start=t)
-        events.append([events[-1][0], "i", "ls -l\r"])
-        events.append([events[-1][0], "r", "120x40"])
-        t = events[-1][0]
-        out.append(events)
-    return out
-
-
 def plan_for(blobs: dict[int, bytes], closed: dict | None, seed: int = 0) -> tuple[Plan, MemoryReader]:
-    reader = MemoryReader(blobs, seed)
+    reader = MemoryReader(blobs, seed, APP, SID)
     plan = verify_session(APP, SID, session_header(APP, SID), closed, reader.staged(), reader, FILED_AT)
     return plan, reader
 
@@ -89,7 +53,7 @@ def lines(log: bytes) -> list:
 
 
 def test_complete_session_renders_exactly_the_verified_bytes():
-    batches = batches_of(4)
+    batches = sample_batches(4)
     chunks = build_chunks(APP, SID, batches)
     closed = close_marker(chunks)
     plan, reader = plan_for(dict(enumerate(chunks.blobs)), closed)
@@ -111,7 +75,7 @@ def test_complete_session_renders_exactly_the_verified_bytes():
 
 
 def test_piece_boundaries_do_not_change_the_log():
-    batches = batches_of(3, per=50)
+    batches = sample_batches(3, per=50)
     chunks = build_chunks(APP, SID, batches)
     closed = close_marker(chunks)
     outputs = set()
@@ -122,7 +86,7 @@ def test_piece_boundaries_do_not_change_the_log():
 
 
 def test_missing_chunk_becomes_an_exact_gap_marker():
-    batches = batches_of(4)
+    batches = sample_batches(4)
     chunks = build_chunks(APP, SID, batches)
     closed = close_marker(chunks)
     blobs = dict(enumerate(chunks.blobs))
@@ -143,7 +107,7 @@ def test_missing_chunk_becomes_an_exact_gap_marker():
 
 @pytest.mark.parametrize("reason", CORRUPTIONS)
 def test_corrupt_chunk_is_a_gap_with_its_raw_bytes_preserved(reason):
-    batches = batches_of(3)
+    batches = sample_batches(3)
     chunks = build_chunks(APP, SID, batches)
     fragment, bad = corrupt_case(chunks, reason)
     blobs, closed = with_bad_chunk(chunks, bad)  # the runner wrote these very bytes
@@ -170,7 +134,7 @@ def test_corrupt_chunk_is_a_gap_with_its_raw_bytes_preserved(reason):
 
 
 def test_sha256_mismatch_wins_over_content_errors():
-    chunks = build_chunks(APP, SID, batches_of(2))
+    chunks = build_chunks(APP, SID, sample_batches(2))
     closed = close_marker(chunks)
     tampered = gzip.compress(gzip.decompress(chunks.blobs[1]).replace(b"chunk 1", b"chunk X"), mtime=0)
     plan, _ = plan_for({0: chunks.blobs[0], 1: tampered}, closed)
@@ -179,7 +143,7 @@ def test_sha256_mismatch_wins_over_content_errors():
 
 
 def test_chunks_beyond_the_close_marker_are_preserved_as_unexpected():
-    chunks = build_chunks(APP, SID, batches_of(3))
+    chunks = build_chunks(APP, SID, sample_batches(3))
     closed = close_marker(build_chunks(APP, SID, chunks.batches[:2]))
     plan, reader = plan_for(dict(enumerate(chunks.blobs)), closed)
     assert plan.gaps == {"missing": [], "corrupt": [{"seq": 2, "reason": "unexpected-chunk"}]}
@@ -191,7 +155,7 @@ def test_chunks_beyond_the_close_marker_are_preserved_as_unexpected():
 
 def test_oversized_object_is_not_read(monkeypatch):
     monkeypatch.setattr(assemble, "MAX_CHUNK_OBJECT_BYTES", 100)
-    chunks = build_chunks(APP, SID, batches_of(2, per=20))
+    chunks = build_chunks(APP, SID, sample_batches(2, per=20))
     closed = close_marker(chunks)
     plan, reader = plan_for(dict(enumerate(chunks.blobs)), closed)
     assert plan.gaps["corrupt"] == [{"seq": 0, "reason": "too-large"}, {"seq": 1, "reason": "too-large"}]
@@ -201,7 +165,7 @@ def test_oversized_object_is_not_read(monkeypatch):
 
 
 def test_abandoned_session_without_close_marker():
-    batches = batches_of(4)
+    batches = sample_batches(4)
     batches[3].append([batches[3][-1][0], "m", {"kind": "input-withheld", "bytes": 12}])
     batches[3].append([batches[3][-1][0] + 1.5, "m", {"kind": "capture-gap", "bytes": 3, "streams": {"o": 3}}])
     chunks = build_chunks(APP, SID, batches)
@@ -230,9 +194,9 @@ def test_abandoned_session_with_no_chunks_at_all():
 
 
 def test_chunk_changed_between_passes_is_detected():
-    chunks = build_chunks(APP, SID, batches_of(2))
+    chunks = build_chunks(APP, SID, sample_batches(2))
     plan, reader = plan_for(dict(enumerate(chunks.blobs)), close_marker(chunks))
-    reader.blobs[1] = build_chunks(APP, SID, batches_of(2, per=4)).blobs[1]
+    reader.blobs[1] = build_chunks(APP, SID, sample_batches(2, per=4)).blobs[1]
     with pytest.raises(StagingChangedError, match="changed while being assembled"):
         render(plan, reader)
 
@@ -241,7 +205,7 @@ def test_metadata_round_trips_ranges_and_fits_s3_limits():
     assert assemble._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert assemble._unranges("0-2,5,7-8") == [0, 1, 2, 5, 7, 8]
     assert assemble._unranges("") == []
-    chunks = build_chunks(APP, SID, batches_of(3))
+    chunks = build_chunks(APP, SID, sample_batches(3))
     plan, _ = plan_for({0: chunks.blobs[0]}, close_marker(chunks))
     meta = assemble.log_metadata(plan)
     assert meta["gaps-missing"] == "1-2" and meta["gaps-corrupt"] == ""
@@ -264,7 +228,7 @@ def arrivals(draw):
 @given(arrivals(), st.integers(min_value=0, max_value=2**32 - 1))
 def test_any_arrival_order_duplicates_and_losses_give_exact_or_explicitly_incomplete_logs(arrival, seed):
     n, lost, order = arrival
-    batches = batches_of(n, per=2)
+    batches = sample_batches(n, per=2)
     chunks = build_chunks(APP, SID, batches)
     store: dict[int, bytes] = {}
     for seq in order:  # arrival order and duplicate deliveries of the same object
