@@ -28,12 +28,15 @@ from helpers_staging import (
     staged_keys,
     with_bad_chunk,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from oneoff_audit import formats, keys
 from oneoff_audit.assemble import assemble_session, process_message
 from oneoff_audit.aws import client
 from oneoff_audit.config import AssemblerConfig
 from oneoff_audit.errors import FormatError, RetryLaterError
+from oneoff_audit.ids import new_session_id
 
 pytestmark = pytest.mark.integration
 
@@ -256,3 +259,38 @@ def test_close_marker_and_header_must_name_the_session(config, stack):
     with pytest.raises(FormatError, match=r"closed\.json: session_id: names session 'SOMEONE-ELSE'"):
         assemble_session(config, APP, sid)
     assert len(staged_keys(stack.bucket, APP, sid)) == 5
+
+
+@st.composite
+def deliveries(draw):
+    """How a runner's chunks reached S3: arrival order, duplicate PUTs, and chunks that never arrived."""
+    n = draw(st.integers(min_value=1, max_value=5))
+    lost = draw(st.sets(st.integers(min_value=0, max_value=n - 1), max_size=n - 1))
+    order = draw(st.permutations(range(n)))
+    duplicates = draw(st.lists(st.integers(min_value=0, max_value=n - 1), max_size=3))
+    close_first = draw(st.booleans())
+    return n, lost, [*order, *duplicates], close_first
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(delivery=deliveries())
+def test_any_delivery_over_s3_gives_an_exact_or_explicitly_incomplete_log(config, stack, delivery):
+    n, lost, order, close_first = delivery
+    sid = new_session_id()
+    batches = [output_events([f"{sid} part {i} \u00e9\r\n"], start=i) for i in range(n)]
+    chunks = build_chunks(APP, sid, batches)
+    stage(stack.bucket, chunks, closed=False, order=[])
+    if close_first:
+        put(stack.bucket, keys.closed_key(APP, sid), json.dumps(close_marker(chunks)).encode())
+    for seq in order:
+        if seq not in lost:
+            put(stack.bucket, keys.chunk_key(APP, sid, seq), chunks.blobs[seq])
+    if not close_first:
+        put(stack.bucket, keys.closed_key(APP, sid), json.dumps(close_marker(chunks)).encode())
+    filed = assemble_session(config, APP, sid, attempt=config.max_attempts)
+    log = read_log(stack.bucket, APP, sid, stack.kms_key_id)
+    trailer = json.loads(log.splitlines()[-1])
+    assert log == expected_log(session_header(APP, sid), [None if s in lost else b for s, b in enumerate(batches)],
+                               trailer)
+    assert filed.complete is (not lost) and filed.gaps == {"missing": sorted(lost), "corrupt": []}
+    assert staged_keys(stack.bucket, APP, sid) == []
