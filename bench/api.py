@@ -1,8 +1,8 @@
 """Benchmark: inline log response time of the API next to the bare S3 GET + KMS Decrypt of the same object.
 
-One run, one moto server on loopback: a session of about ``--size`` bytes of plaintext (just under the
-1 MiB inline limit by default) is filed by the real assembler; then, interleaved so drift hits both
-alike, ``--rounds`` times each:
+One run, one moto server on loopback (in its own process, as S3 and KMS are remote services): a
+session of about ``--size`` bytes of plaintext (just under the 1 MiB inline limit by default) is
+filed by the real assembler; then, interleaved so drift hits all alike, ``--rounds`` times each:
 
 * **api (HTTP)**: ``GET /apps/{app}/sessions/{session}/log`` over real HTTP through the local bridge
   into the real handler (manifest read, ciphertext GET, KMS Decrypt, hash and context checks, JSON
@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -40,25 +42,46 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1_000_000, help="approximate plaintext bytes of the log")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--moto", choices=("process", "thread"), default="process",
+                        help="moto in its own process (default, like remote services) or in a thread of this one")
     args = parser.parse_args()
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       POWERTOOLS_TRACE_DISABLED="true", POWERTOOLS_LOG_LEVEL="WARNING",
                       POWERTOOLS_SERVICE_NAME="oneoff-audit")
     os.environ.pop("AWS_PROFILE", None)
-    from moto.server import ThreadedMotoServer
+    if args.moto == "thread":  # in this process: the API and moto then share one GIL
+        from moto.server import ThreadedMotoServer
 
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    host, port = moto.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, bound = server.get_host_and_port()
+        os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{bound}"
+        try:
+            return run(args)
+        finally:
+            server.stop()
+    # moto in its own process, like a remote service
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         return run(args)
     finally:
-        moto.stop()
+        moto.terminate()
+        moto.wait(timeout=10)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         server.shutdown()
     base50 = statistics.median(timings["baseline"])
     base99 = percentile(timings["baseline"], 99)
-    print(f"{'':16}{'p50 ms':>10}{'p99 ms':>10}{'p50 x base':>12}{'p99 x base':>12}   ({args.rounds} warm rounds)")
+    print(f"{'':16}{'p50 ms':>10}{'p99 ms':>10}{'p50 x base':>12}{'p99 x base':>12}   "
+          f"({args.rounds} warm rounds, moto in a {args.moto})")
     for name, values in timings.items():
         p50, p99 = statistics.median(values), percentile(values, 99)
         print(f"{name:16}{p50:10.1f}{p99:10.1f}{p50 / base50:12.2f}{p99 / base99:12.2f}")
