@@ -4,10 +4,12 @@ the timeline, session details and the access audit."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 
 import pytest
 from api_support import access_records, api_world, file_session, stage_pending
@@ -36,7 +38,6 @@ def world(api_world):
 
 
 def _lines(plaintext: bytes):
-    import io
     parts = list(iter_log_lines(io.BytesIO(plaintext)))
     return parts[0][1], [v for k, v in parts[1:-1]], parts[-1][1]
 
@@ -157,8 +158,7 @@ def test_timeline_newest_first_filters_and_cursor(world):
 
 
 def test_a_damaged_index_entry_is_reported_not_hidden(world):
-    key = keys.index_key("app1", "BROKEN", __import__("datetime").datetime(2026, 11, 25, 9, 30, tzinfo=
-                                                                           __import__("datetime").UTC))
+    key = keys.index_key("app1", "BROKEN", datetime(2026, 11, 25, 9, 30, tzinfo=UTC))
     client("s3").put_object(Bucket=world.bucket, Key=key, Body=b'{"format":"oneoff-audit.index"}')
     try:
         _, page = world.get_json("/apps/app1/sessions")
@@ -228,3 +228,58 @@ def test_a_log_swapped_in_from_another_app_is_refused(world, monkeypatch):
         "error": "integrity", "message": "log was encrypted for app 'app2', not 'app1'"})
     attempts = access_records(world, "app1", "SWAP")  # recorded before release, so the attempt is on file
     assert [(r["how"], r["who"]["subject"]) for r in attempts] == [("inline", "auditor-1")]
+
+
+def test_a_later_version_of_the_log_does_not_change_what_is_served(world, monkeypatch):
+    """Someone writes a new version over a filed log: the API serves the version the manifest names."""
+    monkeypatch.setenv("INLINE_MAX_BYTES", "1048576")
+    filed = world.filed["app1/OLDEST"]
+    s3 = client("s3")
+    s3.put_object(Bucket=world.bucket, Key=filed.log_key, Body=b"forged bytes")
+    status, _, body = world.get("/apps/app1/sessions/OLDEST/log")
+    assert status == 200
+    header, events, trailer = _lines(world.plaintext["app1/OLDEST"])
+    assert json.loads(body) == {"header": header, "events": events, "trailer": trailer}
+    monkeypatch.setenv("INLINE_MAX_BYTES", "1")
+    _, link = world.get_json("/apps/app1/sessions/OLDEST/log")
+    with urllib.request.urlopen(link["download_url"], timeout=30) as resp:
+        assert resp.read() == world.stored("app1", "OLDEST")
+
+
+def test_details_show_legal_hold_and_read_only_the_first_frame_of_big_logs(world, monkeypatch):
+    from oneoff_audit.api import logs
+
+    filed = world.filed["app1/OLDER"]
+    client("s3").put_object_legal_hold(Bucket=world.bucket, Key=filed.log_key, VersionId=filed.log_version_id,
+                                       LegalHold={"Status": "ON"})
+    try:
+        monkeypatch.setattr(logs, "DETAIL_FULL_DECRYPT_MAX", 0)  # as if the log were too big to read whole
+        status, details = world.get_json("/apps/app1/sessions/OLDER")
+    finally:
+        client("s3").put_object_legal_hold(Bucket=world.bucket, Key=filed.log_key, VersionId=filed.log_version_id,
+                                           LegalHold={"Status": "OFF"})
+    assert status == 200
+    header, _, trailer = _lines(world.plaintext["app1/OLDER"])
+    assert details["header"] == header and details["trailer"] is None
+    assert details["retention"]["legal_hold"] is True
+    integrity = details["integrity"]
+    assert (integrity["verified"], integrity["complete"], integrity["gaps"], integrity["chain_sha256"]) == (
+        "header frame only", True, {"missing": [], "corrupt": []}, trailer["chain_sha256"])
+
+
+def test_a_log_filed_without_a_manifest_is_served_from_its_metadata(world, monkeypatch):
+    monkeypatch.setenv("AUDIT_SIGNING_KEY_ID", "")  # evidence signing off: the assembler writes no manifest
+    file_session(world, "app3", "NOMAN", ["no manifest\r\n"], "2026-11-20T08:00:00Z")
+    assert client("s3").list_objects_v2(Bucket=world.bucket, Prefix="manifests/app3/").get("KeyCount") == 0
+    monkeypatch.setenv("INLINE_MAX_BYTES", "1048576")
+    header, events, trailer = _lines(world.plaintext["app3/NOMAN"])
+    assert world.get_json("/apps/app3/sessions/NOMAN/log") == (200, {"header": header, "events": events,
+                                                                    "trailer": trailer})
+    monkeypatch.setenv("INLINE_MAX_BYTES", "1")
+    _, link = world.get_json("/apps/app3/sessions/NOMAN/log")
+    stored = world.stored("app3", "NOMAN")
+    assert (link["size"], link["sha256"]) == (len(stored), hashlib.sha256(stored).hexdigest())
+    _, details = world.get_json("/apps/app3/sessions/NOMAN")
+    assert details["integrity"]["manifest"] is False
+    assert details["integrity"]["problems"] == ["manifest missing: the log has no signed evidence"]
+    assert details["trailer"] == trailer
