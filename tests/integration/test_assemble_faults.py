@@ -128,7 +128,6 @@ def test_throttling_and_server_errors_are_retried_and_the_session_is_filed(stack
 
 @pytest.mark.parametrize(("service", "operation", "error"), [
     ("s3", "UploadPart", (500, "InternalError")),
-    ("s3", "GetObject", (503, "SlowDown")),
     ("kms", "GenerateDataKey", (400, "ThrottlingException")),
 ])
 def test_persistent_errors_end_in_the_dead_letter_queue_with_the_reason(stack, faults, monkeypatch, lambda_context,

@@ -272,7 +272,7 @@ def deliveries(draw):
     return n, lost, [*order, *duplicates], close_first
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(delivery=deliveries())
 def test_any_delivery_over_s3_gives_an_exact_or_explicitly_incomplete_log(config, stack, delivery):
     n, lost, order, close_first = delivery
