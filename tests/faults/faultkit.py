@@ -47,12 +47,14 @@ STREAMS = ("i", "o", "e")
 # ---------------------------------------------------------------- the byte ledger
 
 
-def _stream_loss(expected: bytes, filed: bytes, declared: int) -> tuple[int, int]:
-    """(bytes of ``expected`` missing from ``filed`` beyond ``declared``, bytes of ``filed`` not in ``expected``).
+Pieces = list[bytes | int]  # one stream of a filed log: its bytes, and declared gaps (byte counts) between them
 
-    The filed bytes must be the expected bytes with at most one hole (a declared gap): the common
-    prefix and suffix are matched, what is left of ``expected`` is the hole, what is left of
-    ``filed`` was invented or altered.
+
+def _single_hole(expected: bytes, filed: bytes, declared: int) -> tuple[int, int]:
+    """(lost beyond ``declared``, altered) when ``filed`` is ``expected`` with at most one hole.
+
+    The common prefix and suffix are matched; what is left of ``expected`` is the hole, what is
+    left of ``filed`` was invented or altered.
     """
     if filed == expected:
         return 0, 0
@@ -63,27 +65,47 @@ def _stream_loss(expected: bytes, filed: bytes, declared: int) -> tuple[int, int
     suffix = 0
     while suffix < limit - prefix and expected[-1 - suffix] == filed[-1 - suffix]:
         suffix += 1
-    hole = len(expected) - prefix - suffix
-    extra = len(filed) - prefix - suffix
-    return max(0, hole - declared), extra
+    return max(0, len(expected) - prefix - suffix - declared), len(filed) - prefix - suffix
+
+
+def stream_loss(expected: bytes, pieces: Pieces) -> tuple[int, int]:
+    """(bytes of ``expected`` neither in the log nor declared lost, bytes in the log that ``expected`` lacks).
+
+    The log's pieces are walked in order: each run of bytes must continue ``expected`` exactly, each
+    declared gap (a capture-gap marker's count for this stream) skips that many expected bytes. From
+    the first piece that does not fit, the rest is compared as one block with one hole.
+    """
+    pos = 0
+    for index, piece in enumerate(pieces):
+        if isinstance(piece, int):
+            pos += piece
+        elif expected.startswith(piece, pos):
+            pos += len(piece)
+        else:
+            rest = b"".join(p for p in pieces[index:] if isinstance(p, bytes))
+            return _single_hole(expected[pos:], rest, sum(p for p in pieces[index:] if isinstance(p, int)))
+    return max(0, len(expected) - pos), 0
 
 
 @dataclass
 class SessionAccount:
-    """One session's bytes: what it carried, what was filed, what the log itself declares lost."""
+    """One session's bytes: what it carried, and what its filed log holds or declares lost."""
 
     row: str
     app: str
     session_id: str
     source: str  # "process" (recorded: what the process wrote and read) or "staged" (intact staged chunks)
     expected: dict[str, bytes]
-    filed: dict[str, bytes] | None
-    declared: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
+    filed: dict[str, Pieces] | None
     note: str = ""
 
     @property
     def compared(self) -> int:
         return sum(len(v) for v in self.expected.values())
+
+    @property
+    def declared(self) -> int:
+        return sum(p for pieces in (self.filed or {}).values() for p in pieces if isinstance(p, int))
 
     def loss(self) -> tuple[int, int]:
         """(undeclared bytes lost, bytes altered or invented) over the three streams."""
@@ -91,8 +113,7 @@ class SessionAccount:
             return self.compared, 0
         lost = altered = 0
         for stream in STREAMS:
-            a, b = _stream_loss(self.expected.get(stream, b""), self.filed.get(stream, b""),
-                                self.declared.get(stream, 0))
+            a, b = stream_loss(self.expected.get(stream, b""), self.filed.get(stream, []))
             lost += a
             altered += b
         return lost, altered
@@ -117,7 +138,7 @@ class Ledger:
             lost += a
             altered += b
             compared += account.compared
-            declared += sum(account.declared.values())
+            declared += account.declared
         return {"sessions": len(self.sessions), "compared": compared, "lost": lost, "altered": altered,
                 "declared": declared}
 
@@ -513,14 +534,20 @@ class Filed:
                 out[stream] += decode_data(data)
         return {s: bytes(v) for s, v in out.items()}
 
-    def declared(self) -> dict[str, int]:
-        """Bytes the capture agent declared lost (capture-gap markers), per stream."""
-        out = dict.fromkeys(STREAMS, 0)
+    def pieces(self) -> dict[str, Pieces]:
+        """Per stream, in order: runs of bytes, and the byte counts capture-gap markers declare lost."""
+        out: dict[str, Pieces] = {s: [] for s in STREAMS}
         for _, stream, data in self.events:
-            if stream == "m" and data.get("kind") == "capture-gap":
+            if stream in out:
+                chunk = decode_data(data)
+                if out[stream] and isinstance(out[stream][-1], bytes):
+                    out[stream][-1] += chunk
+                else:
+                    out[stream].append(chunk)
+            elif stream == "m" and data.get("kind") == "capture-gap":
                 for name, count in (data.get("streams") or {}).items():
-                    if name in out:
-                        out[name] += int(count)
+                    if name in out and count:
+                        out[name].append(int(count))
         return out
 
     def markers(self, kind: str) -> list[dict[str, Any]]:
@@ -695,8 +722,7 @@ class Harness:
                 filed: Filed | None, note: str = "") -> SessionAccount:
         """Record a session's bytes in the ledger and return the account (lost and altered are asserted by callers)."""
         account = SessionAccount(self.row, app, session_id, source, expected,
-                                 filed.stream_bytes() if filed is not None else None,
-                                 filed.declared() if filed is not None else dict.fromkeys(STREAMS, 0), note)
+                                 filed.pieces() if filed is not None else None, note)
         return LEDGER.add(account)
 
     def account_staged(self, chunks: Any, intact: Any, filed: Filed | None, note: str = "") -> SessionAccount:
