@@ -18,7 +18,10 @@ class InvalidIdError(OneoffAuditError, ValueError):
         self.kind = kind
         self.value = value
         self.reason = reason
-        super().__init__(f"invalid {kind} {value!r}: {reason}")
+        shown = repr(value)
+        if len(shown) > 256:  # a hostile id may be huge: the message stays one bounded line
+            shown = shown[:253] + "..."
+        super().__init__(f"invalid {kind} {shown}: {reason}")
 
 
 class FormatError(OneoffAuditError, ValueError):
