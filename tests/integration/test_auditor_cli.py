@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -208,3 +209,32 @@ def test_verify_and_export_of_a_bad_file_fail_in_one_line(world, tmp_path, capsy
                             "{'i': 0, 'o': 18, 'e': 0}\n")
     assert cli.main(["export", "--format", "text", str(tmp_path / "missing.jsonl")]) == 2
     assert capsys.readouterr().err.startswith("oneoff-audit export: cannot read ")
+
+
+def test_runner_controlled_text_never_reaches_the_terminal_raw(world, capsys, monkeypatch):
+    import helpers_staging as staging
+
+    from oneoff_audit.assemble import assemble_session
+    from oneoff_audit.config import AssemblerConfig
+
+    opened = staging.session_header("app4", "HOSTILE", started_at="2026-11-25T09:00:00Z")
+    opened["command"]["argv"] = ["bash", "-c", "printf '\x1b]52;c;cm0gLXJmIH4K\x07'", "\u202egnp.exe"]
+    opened["actor"] = {"id": "u\x1b[2J", "name": "Ada\x1b[H\u009b31m", "type": "user", "source_ip": None}
+    opened["target"] = {"org": "acme\x1b[1A\x1b[2Kforged\nline\x7f"}
+    chunks = staging.build_chunks("app4", "HOSTILE", [staging.output_events(["x\r\n"])])
+    staging.stage(world.bucket, chunks, opened=opened)
+    assemble_session(AssemblerConfig.from_env(), "app4", "HOSTILE")
+    monkeypatch.setenv("ONEOFF_AUDIT_API_URL", world.api_url)
+    monkeypatch.setenv("ONEOFF_AUDIT_TOKEN", "admin-token")
+    control = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xae\xab-\xad]")
+    outputs = {}
+    for argv in (["sessions", "--app", "app4"], ["sessions", "--app", "app4", "--json"],
+                 ["show", "app4", "HOSTILE"], ["show", "app4", "HOSTILE", "--json"]):
+        assert cli.main(argv) == 0
+        outputs[" ".join(argv)] = capsys.readouterr().out
+        assert not control.search(outputs[" ".join(argv)].encode()), argv
+    shown = outputs["show app4 HOSTILE"]
+    assert "\\x1b]52;c;cm0gLXJmIH4K\\x07" in shown and " '\\u202egnp.exe'\n" in shown
+    assert "target:       org=acme\\x1b[1A\\x1b[2Kforged\\x0aline\\x7f\n" in shown
+    entry = json.loads(outputs["sessions --app app4 --json"])
+    assert entry["actor"]["name"] == "Ada\x1b[H\u009b31m"  # escaped on the terminal, exact in the data

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -99,8 +100,27 @@ def _json_or_none(body: bytes) -> Any:
 def _error_line(status: int, body: bytes) -> str:
     value = _json_or_none(body)
     if isinstance(value, dict) and isinstance(value.get("message"), str):
-        return f"{status} {value.get('error', 'error')}: {value['message']}"
+        return safe(f"{status} {value.get('error', 'error')}: {value['message']}")
     return f"HTTP {status}"
+
+
+# Runner-controlled text (argv, actor, target) must never drive the auditor's terminal: C0 controls
+# (tab and newline too: a value must not forge lines), DEL, C1 controls (U+009B is a CSI on many
+# terminals) and bidirectional overrides are shown as escapes.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")  # C0: JSON escapes
+
+
+def safe(text: object) -> str:
+    """``text`` with every control or bidi-override character made visible (``\\x1b``, ``\\u202e``)."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else
+                       f"\\u{ord(m.group()):04x}", str(text))
+
+
+def safe_json(value: Any, **kwargs: Any) -> str:
+    """JSON that keeps readable text readable but escapes what :func:`safe` escapes (still valid JSON)."""
+    text = json.dumps(value, ensure_ascii=False, **kwargs)
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
@@ -142,7 +162,7 @@ def _argv_text(argv: list[Any]) -> str:
     import shlex
 
     from oneoff_audit.codec import decode_data
-    return shlex.join(decode_data(a).decode("utf-8", "replace") for a in argv)
+    return safe(shlex.join(decode_data(a).decode("utf-8", "replace") for a in argv))
 
 
 class _Progress:
@@ -205,16 +225,17 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         for entry in page["sessions"]:
             shown += 1
             if args.json:
-                print(json.dumps(entry, ensure_ascii=False))
+                print(safe_json(entry))
                 continue
             status = entry["status"] if entry["complete"] else f"{entry['status']}*"
             code = entry["exit"]["code"] if entry["exit"]["signal"] is None else f"S{entry['exit']['signal']}"
             duration = "-" if entry["duration"] is None else f"{entry['duration']:.1f}s"
-            print(f"{entry['started_at']:<27} {entry['session_id']:<26} {entry['actor']['id'][:16]:<16} "
+            print(f"{entry['started_at']:<27} {entry['session_id']:<26} {safe(entry['actor']['id'][:16]):<16} "
                   f"{status:<10} {code!s:<5} {duration:>9} {_human_size(entry['size']):>10}  "
                   f"{_argv_text(entry['command']['argv'])}")
         for skipped in page.get("skipped", []):
-            print(f"oneoff-audit sessions: skipped index entry {skipped['key']}: {skipped['reason']}", file=sys.stderr)
+            print(safe(f"oneoff-audit sessions: skipped index entry {skipped['key']}: {skipped['reason']}"),
+                  file=sys.stderr)
         if not args.all or not page.get("cursor"):
             break
         query["cursor"] = page["cursor"]
@@ -235,8 +256,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.access:
         _, views = api.get_json(_path(args.app, args.session, "/access"))
     if args.json:
-        print(json.dumps({**details, **({"access": views["access"]} if views else {})}, ensure_ascii=False,
-                         indent=2))
+        print(safe_json({**details, **({"access": views["access"]} if views else {})}, indent=2))
         return 0
     header, trailer, integrity = details["header"], details["trailer"] or {}, details["integrity"]
     actor = header["actor"]
@@ -261,11 +281,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     ]
     lines += [("problem", p) for p in integrity["problems"]]
     for name, value in lines:
-        print(f"{name + ':':<14}{value}")
+        print(f"{name + ':':<14}{safe(value)}")
     if views:
         for view in views["access"]:
             who = view.get("who", {})
-            print(f"{'viewed:':<14}{view.get('at')} {who.get('subject')} {view.get('how')}")
+            print(safe(f"{'viewed:':<14}{view.get('at')} {who.get('subject')} {view.get('how')}"))
     return 0
 
 
@@ -399,13 +419,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         report = verify_log(_open_plaintext(args.file, stack, args.key_id or os.environ.get(KEY_ENV)), expected)
     summary = report.summary()
     if args.json:
-        print(json.dumps(summary, ensure_ascii=False, indent=2))
+        print(safe_json(summary, indent=2))
     else:
         for name in ("app", "session_id", "status", "complete", "chunk_count", "expected_chunk_count",
                      "chain_sha256", "event_count", "events", "bytes", "sha256", "size"):
-            print(f"{name + ':':<22}{json.dumps(summary[name]) if isinstance(summary[name], dict) else summary[name]}")
+            value = summary[name]
+            print(f"{name + ':':<22}{safe(json.dumps(value) if isinstance(value, dict) else value)}")
     if not report.ok:
-        print(f"oneoff-audit verify: FAILED: {'; '.join(report.problems)}", file=sys.stderr)
+        print(safe(f"oneoff-audit verify: FAILED: {'; '.join(report.problems)}"), file=sys.stderr)
         return 1
     print("OK", file=sys.stderr if args.json else sys.stdout)
     return 0
