@@ -349,13 +349,13 @@ class SyntheticSession:
     body_size: int
 
 
-def _gzip_member(header_line: bytes, body: bytes, body_deflate: bytes) -> bytes:
+def _gzip_member(header_line: bytes, body: bytes, body_deflate: bytes, level: int = 1) -> bytes:
     """One gzip member of ``header_line + body``, reusing ``body``'s raw deflate stream.
 
     The header line is deflated and followed by a full flush (which resets the compressor, so what
     follows does not depend on it); the body's stream, made once by a fresh compressor, is appended.
     """
-    comp = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    comp = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
     head = comp.compress(header_line) + comp.flush(zlib.Z_FULL_FLUSH)
     crc = zlib.crc32(body, zlib.crc32(header_line))
     size = (len(header_line) + len(body)) & 0xFFFFFFFF
@@ -363,7 +363,7 @@ def _gzip_member(header_line: bytes, body: bytes, body_deflate: bytes) -> bytes:
 
 
 def stage_synthetic(bucket: str, app: str, session_id: str, total_bytes: int, chunk_bytes: int = 1 << 20,
-                    seed: int = 7) -> SyntheticSession:
+                    seed: int = 7, compresslevel: int = 1) -> SyntheticSession:
     """Stage a session of about ``total_bytes`` of event lines (terminal-like text, some non-ASCII).
 
     For speed every chunk carries the same ~``chunk_bytes`` of events (compressed once); the chunks
@@ -387,7 +387,7 @@ def stage_synthetic(bucket: str, app: str, session_id: str, total_bytes: int, ch
         size += len(line)
         out_bytes += len(text.encode("utf-8"))
     body = b"".join(lines)
-    comp = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    comp = zlib.compressobj(compresslevel, zlib.DEFLATED, -zlib.MAX_WBITS)
     body_deflate = comp.compress(body) + comp.flush()
     per_chunk = len(lines)
     count = -(-total_bytes // len(body))
@@ -400,7 +400,7 @@ def stage_synthetic(bucket: str, app: str, session_id: str, total_bytes: int, ch
     prev = None
     for seq in range(count):
         blob = _gzip_member(formats.dumps_line(chunk_header(app, session_id, seq, seq * per_chunk, prev)),
-                            body, body_deflate)
+                            body, body_deflate, compresslevel)
         put(bucket, keys.chunk_key(app, session_id, seq), blob)
         body_sha.update(body)
         prev = hashlib.sha256(blob).hexdigest()

@@ -1,8 +1,9 @@
 """A streaming S3 multipart upload that is completed only if the key does not exist yet.
 
-Parts are uploaded by one background thread while the caller produces the next part, so producing
-(parsing, encrypting) and sending overlap; at most ``2 * part_size`` bytes wait in memory. The
-SHA-256 and size of everything written are computed on the way. :meth:`MultipartUpload.complete`
+Parts are hashed and uploaded by one background thread while the caller produces the next part, so
+producing (parsing, encrypting) and sending overlap; at most ``3 * part_size`` bytes are held. The
+SHA-256 (complete once :meth:`MultipartUpload.complete` returns) and size of everything written are
+computed on the way. :meth:`MultipartUpload.complete`
 sends ``If-None-Match: *``: if the key already exists the upload is aborted and
 :class:`AlreadyExistsError` is raised, so an object is created exactly once.
 """
@@ -71,6 +72,7 @@ class MultipartUpload:
             number, data = item
             if self._error is not None:
                 continue  # drain: the caller will see the error
+            self.sha256.update(data)  # here, off the producing thread (hashlib releases the GIL)
             try:
                 etag = self._s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
                                             PartNumber=number, Body=data)["ETag"]
@@ -85,7 +87,6 @@ class MultipartUpload:
     def write(self, data: bytes) -> None:
         """Append ``data``; full parts are handed to the sender thread."""
         self._raise_pending()
-        self.sha256.update(data)
         self.size += len(data)
         view = memoryview(data)
         while view:
