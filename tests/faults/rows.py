@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hashlib
 import hmac
 import io
@@ -1439,3 +1440,51 @@ def hri_terminal_escapes(h: Harness) -> None:
         if found:
             leaks[" ".join(argv[:argv.index("--api-url")])] = sorted(set(found))
     assert leaks == {}, f"control characters printed raw to the auditor's terminal: {leaks}"
+
+
+HOSTILE_EVENT_LINES = (
+    b'[-1,"o","x"]', b'[1e999,"o","x"]', b'[true,"o","x"]', b'[1,"x","y"]', b'[1,"o",{"b64":"!!"}]',
+    b'[1,"o",{"b64":"AA==","x":1}]', b'[1,"o","\\ud800"]', b'[1,"r","80x24x1"]', b'[1,"m",{"nokind":1}]',
+    b'[1,"o","x"]garbage', b'[1,"o","x",4]', b'{"t":1,"stream":"o","data":"x"}', b'[NaN,"o","x"]',
+    b'[1,"i","\xff"]',
+)
+
+
+@row("HRI-18", "hostile-runner", "event lines that look almost right, one per chunk: negative, infinite, boolean "
+     "and NaN times; unknown stream; bad or extended base64 objects; a lone surrogate; a bad resize; a marker "
+     "without kind; trailing garbage; four elements; an object; raw invalid UTF-8 (trailing whitespace is valid "
+     "JSON and accepted)",
+     "every such chunk is corrupt (invalid-json or invalid-event, the line named in the log), the session is filed "
+     "complete: false naming each of them, and the genuine first and last chunks are intact")
+def hri_almost_events(h: Harness) -> None:
+    sid = new_session_id()
+    genuine = session_batches(2, seed=3)
+    blobs: list[bytes] = []
+    batches: list[list[list[Any]]] = [genuine[0]]
+    prev = None
+    index = 0
+    seq_lines = [None, *HOSTILE_EVENT_LINES, None]
+    for seq, line in enumerate(seq_lines):
+        header = formats.dumps_line(hs.chunk_header(APP, sid, seq, index, prev))
+        if line is None:
+            batch = genuine[0] if seq == 0 else genuine[1]
+            body = header + b"".join(formats.dumps_line(e) for e in batch)
+            index += len(batch)
+        else:
+            body = header + formats.dumps_line([0.5, "o", "before"]) + line + b"\n"
+            batches.append([])
+        blobs.append(gzip.compress(body, mtime=0))
+        prev = formats.sha256_hex(blobs[-1])
+    batches.append(genuine[1])
+    chunks = hs.StagedChunks(APP, sid, batches, blobs)
+    hs.stage(h.bucket, chunks)
+    h.monkeypatch.setenv("ASSEMBLE_MAX_ATTEMPTS", "1")
+    h.deliver(1)
+    filed = h.filed(APP, sid)
+    corrupt = {g["seq"]: g["reason"] for g in filed.trailer["gaps"]["corrupt"]}
+    assert sorted(corrupt) == list(range(1, len(HOSTILE_EVENT_LINES) + 1)), corrupt
+    assert set(corrupt.values()) <= {"invalid-json", "invalid-event"}, corrupt
+    details = [d["detail"] for d in filed.markers("gap")]
+    assert all(d.startswith("line 3") or "line 3:" in d for d in details), details
+    assert filed.trailer["complete"] is False and filed.trailer["gaps"]["missing"] == []
+    h.assert_no_loss(h.account_staged(chunks, {0, len(seq_lines) - 1}, filed))
