@@ -152,12 +152,19 @@ def test_s3_down_until_the_end_then_flush_spool_puts_close_marker_last(stack, pr
     proxy.mode = "drop"
     sid = new_session_id()
     spool = tmp_path / "spool"
-    proc = subprocess.run(
-        record_cmd("app-offline", sid, *FAST, "--queue-bytes", "1K", "--flush-timeout", "1",
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen(
+        record_cmd("app-offline", sid, *FAST, "--queue-bytes", "1K", "--flush-timeout", "60", "--log-file", str(log),
                    "--spool-dir", str(spool), "--", PY, "-c", writer_program(12, 0.03) + "sys.exit(3)\n"),
-        env=env_via(stack, proxy), stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        env=env_via(stack, proxy), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: log.exists() and "command ended" in log.read_text())
+    time.sleep(0.3)
+    interrupted = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # the user gives up waiting for S3: spool now, exit now
+    _out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - interrupted < 5
     assert proc.returncode == 3
-    assert b"flush-spool" in proc.stderr and proc.stderr.count(b"\n") == 1  # one line saying where it is
+    assert b"flush-spool" in err and err.count(b"\n") == 1  # one line saying where the session is
     assert staged_keys(stack.bucket, "app-offline", sid) == []
     session_dir = spool / "app-offline" / sid
     assert (session_dir / "opened.json").exists() and (session_dir / "closed.json").exists()

@@ -48,12 +48,16 @@ def test_record_without_a_command_is_a_usage_error(capsys, monkeypatch):
     (["--source-ip", "not-an-ip"], "--source-ip"),
     (["--target", "a=1", "--target", "a=2"], "--target a given twice"),
     (["--session-id", "../x"], "invalid session id"),
+    (["--chunk-bytes", "9M"], "--chunk-bytes must be between 1 and 8388608"),
+    (["--chunk-bytes", "0"], "--chunk-bytes must be between 1 and 8388608"),
+    (["--", "x" * 300_000], "session header: command: "),
 ])
 def test_invalid_session_metadata_means_the_command_never_runs(args, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("AUDIT_BUCKET", "bucket")
     marker = tmp_path / "ran"
+    command = ["touch", str(marker)] if "--" not in args else []
     code = main(["record", "--app", "app1", "--actor-id", "u", "--spool-dir", str(tmp_path / "spool"), *args,
-                 "--", "touch", str(marker)])
+                 *(["--"] if command else []), *command])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not marker.exists()

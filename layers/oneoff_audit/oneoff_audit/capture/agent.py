@@ -38,10 +38,12 @@ from oneoff_audit.capture.relay import (
     set_nonblocking,
     set_winsize,
     spawn,
+    tune_malloc,
 )
 from oneoff_audit.capture.spool import SessionSpool, Spool, SpoolError, flush_spool
 from oneoff_audit.capture.uploader import RetryPolicy, Uploader
 from oneoff_audit.codec import encode_bytes
+from oneoff_audit.errors import FormatError
 
 SESSION_FORMAT = "oneoff-audit.session"
 CLOSE_FORMAT = "oneoff-audit.close"
@@ -68,7 +70,7 @@ class RecordOptions:
     chunk_bytes: int = 1 << 20
     chunk_seconds: float = 5.0
     queue_bytes: int = 16 << 20
-    upload_workers: int = 4
+    upload_workers: int = 2
     record_hidden_input: bool = False
     on_capture_failure: str = "continue"  # continue | terminate
     flush_timeout: float = 30.0
@@ -141,7 +143,11 @@ def session_header(opts: RecordOptions, session_id: str, *, tty: bool, term_size
         "options": {"record_hidden_input": opts.record_hidden_input, "chunk_max_bytes": opts.chunk_bytes,
                     "chunk_max_seconds": opts.chunk_seconds},
     }
-    return formats.validate(header, "session-header", "session header")
+    formats.validate(header, "session-header", "session header")
+    size = len(formats.dumps_line(header))
+    if size > formats.MAX_OPENED_BYTES:  # readers refuse bigger headers: the session would not be filed
+        raise FormatError("session header", "command", f"{size} bytes, more than {formats.MAX_OPENED_BYTES}")
+    return header
 
 
 def close_marker(app: str, session_id: str, exit_status: ExitStatus, reason: str | None, totals: ChunkTotals,
@@ -215,6 +221,7 @@ class Session:
         # The relay thread blocks in read/poll; when it wakes it must get the GIL back quickly even if
         # an upload or encoder thread is running Python code (default hand-over interval: 5 ms).
         sys.setswitchinterval(0.0005)
+        tune_malloc()
         session_id = self.session_id or keys.validate_session_id(_new_id())
         keys.session_prefix(opts.app, session_id, opts.staging_prefix)
         stdin_tty = os.isatty(0)
@@ -306,7 +313,7 @@ class Session:
         reason = self._reason(exit_status, exec_errno, self.relay.terminated_reason, writer)
         marker = close_marker(opts.app, session_id, exit_status, reason, totals, recorder.withheld_bytes,
                               formats.format_time(ended))
-        self._close(uploader, session_spool, marker, totals)
+        self._close(uploader, session_spool, marker)
         return exit_status.exit_code
 
     def _reason(self, status: ExitStatus, exec_errno: int, terminated: str | None, writer: ChunkWriter) -> str | None:
@@ -338,10 +345,22 @@ class Session:
         self._leftovers = threading.Thread(target=run, name="oneoff-audit-flush-leftovers", daemon=True)
         self._leftovers.start()
 
-    def _close(self, uploader: Uploader, spool: SessionSpool | None, marker: dict[str, Any],
-               totals: ChunkTotals) -> None:
+    def _close(self, uploader: Uploader, spool: SessionSpool | None, marker: dict[str, Any]) -> None:
         opts = self.opts
         deadline = time.monotonic() + opts.flush_timeout
+        # The command has ended and the terminal is back: ^C (or SIGTERM) now means "stop waiting for
+        # S3", not "lose the recording": what is not uploaded yet goes to the spool at once.
+        previous = {sig: signal.signal(sig, lambda *_: uploader.hurry())
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+        try:
+            self._finish_uploads(uploader, spool, marker, deadline)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _finish_uploads(self, uploader: Uploader, spool: SessionSpool | None, marker: dict[str, Any],
+                        deadline: float) -> None:
+        opts = self.opts
         left = uploader.finish(opts.flush_timeout)
         closed_key = keys.closed_key(opts.app, marker["session_id"], opts.staging_prefix)
         body = formats.dumps_line(marker)
@@ -359,7 +378,7 @@ class Session:
                 unsaved.append(item.name)
         try:
             if not left:
-                remaining = max(1.0, deadline - time.monotonic())
+                remaining = 0.0 if uploader.hurried else max(1.0, deadline - time.monotonic())
                 if uploader.put_now(closed_key, body, remaining):
                     self.diag.log(f"closed: {marker['chunk_count']} chunks, {marker['event_count']} events, "
                                   f"{uploader.uploaded} uploads, {uploader.spooled} spooled, {uploader.errors} errors")
@@ -387,7 +406,7 @@ class Session:
             if spool is not None:
                 spool.close()
             if self._leftovers is not None:  # earlier sessions' leftovers: bounded by the same timeout
-                self._leftovers.join(max(0.0, deadline - time.monotonic()))
+                self._leftovers.join(0 if uploader.hurried else max(0.0, deadline - time.monotonic()))
 
 
 def _new_id() -> str:

@@ -12,6 +12,7 @@ from oneoff_audit.capture.spool import DEFAULT_MAX_BYTES, default_spool_dir
 from oneoff_audit.errors import OneoffAuditError
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+MAX_CHUNK_BYTES = 8 << 20
 
 
 class UsageError(OneoffAuditError):
@@ -76,7 +77,7 @@ def register(subparsers: Any) -> None:
                      help="close a chunk when its first event is this old (5)")
     rec.add_argument("--queue-bytes", type=_size, default=16 << 20,
                      help="memory for encoded chunks waiting for S3; beyond it chunks are spooled (16M)")
-    rec.add_argument("--upload-workers", type=int, default=4, help="parallel uploads (4)")
+    rec.add_argument("--upload-workers", type=int, default=2, help="parallel uploads (2)")
     rec.add_argument("--record-hidden-input", action="store_true",
                      help="also record input typed while the terminal does not echo (password prompts)")
     rec.add_argument("--on-capture-failure", choices=("continue", "terminate"), default="continue",
@@ -124,8 +125,9 @@ def run_record(args: argparse.Namespace) -> int:
             ipaddress.ip_address(args.source_ip)
         except ValueError as err:
             raise UsageError(f"--source-ip: {err}") from err
-    if args.chunk_bytes < 1:
-        raise UsageError("--chunk-bytes must be at least 1")
+    if not 1 <= args.chunk_bytes <= MAX_CHUNK_BYTES:
+        # JSON escaping can make data up to 6x longer; readers refuse chunks over 64 MiB decompressed.
+        raise UsageError(f"--chunk-bytes must be between 1 and {MAX_CHUNK_BYTES}")
     if args.upload_workers < 1:
         raise UsageError("--upload-workers must be at least 1")
     target: dict[str, str] = {}

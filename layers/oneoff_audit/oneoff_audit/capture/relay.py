@@ -44,6 +44,7 @@ TERMINATE_GRACE = 3.0  # SIGHUP, then SIGKILL after this many seconds
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 _PR_SET_PDEATHSIG = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 _POLL_OUT = select.POLLOUT | select.POLLHUP | select.POLLERR
 
@@ -189,6 +190,21 @@ def has_controlling_terminal() -> bool:
     except OSError:
         return False
     return True
+
+
+def tune_malloc() -> None:
+    """Keep the agent's RSS flat (glibc): few arenas, big buffers mmapped and returned when freed.
+
+    Chunks are built and freed continuously by several threads; glibc's defaults (an arena per
+    thread, a dynamic mmap threshold that grows to 32 MiB) keep freed megabytes resident.
+    """
+    libc = _load_libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
+        return
+    for param, value in ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 128 << 10), (_M_TRIM_THRESHOLD, 256 << 10)):
+        with contextlib.suppress(Exception):
+            mallopt(param, value)
 
 
 def spawn(argv: Sequence[bytes], env: dict[bytes, bytes], fds: tuple[int, int, int], *, pty: bool,

@@ -119,6 +119,8 @@ class Uploader:
         self._stopping = False
         self._deadline: float | None = None
         self._wake = threading.Event()
+        self._hurry = threading.Event()
+        self._hurried_at: float | None = None
         self._threads = [threading.Thread(target=self._work, name=f"oneoff-audit-upload-{n}", daemon=True)
                          for n in range(max(1, workers))]
         self.uploaded = 0
@@ -223,7 +225,7 @@ class Uploader:
                 # While the session runs, back off; when it ends (finish() sets _wake), try again at once.
                 self._wake.wait(delay)
             else:
-                time.sleep(delay)
+                self._hurry.wait(delay)
 
     def _note_error(self, item: Item, err: BaseException, attempt: int) -> None:
         with self._cond:
@@ -240,18 +242,38 @@ class Uploader:
         """Let the workers drain until ``timeout`` seconds from now; return the items not in S3."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            self._deadline = deadline
+            self._deadline = deadline if self._deadline is None else min(deadline, self._deadline)
             self._stopping = True
             self._cond.notify_all()
         self._wake.set()
+        # In-flight HTTP calls may outlive the deadline by a connect timeout: wait a little for them.
+        end = deadline + 5
         with self._cond:
-            # In-flight HTTP calls may outlive the deadline by a connect timeout; wait a little for them.
-            self._cond.wait_for(lambda: not self._items and not self._inflight, timeout=timeout + 5)
+            while self._items or self._inflight:
+                now = time.monotonic()
+                if self._hurried_at is not None:
+                    end = min(end, self._hurried_at + 1)
+                if now >= end:
+                    break
+                self._cond.wait(end - now)
             left = [*self._failed, *self._inflight, *self._items]
             self._items.clear()
             self._failed = []
             self._inflight = []
             return left
+
+    @property
+    def hurried(self) -> bool:
+        return self._hurried_at is not None
+
+    def hurry(self) -> None:
+        """Stop retrying now (the user interrupted the final wait): what is not in S3 will be spooled."""
+        with self._cond:
+            self._hurried_at = time.monotonic()
+            self._deadline = self._hurried_at
+            self._cond.notify_all()
+        self._wake.set()
+        self._hurry.set()
 
     def put_now(self, key: str, data: bytes, timeout: float) -> bool:
         """PUT one object on the calling thread, retrying with backoff for at most ``timeout`` seconds."""
