@@ -163,15 +163,18 @@ def inf_s3_assembler_reads(h: Harness) -> None:
     assert all(r.hits == 2 for r in rules), [(r.operation, r.hits) for r in rules]
 
 
-@row("INF-03", "infrastructure", "S3 503 SlowDown on the assembler's writes: CreateMultipartUpload, UploadPart, "
-     "CompleteMultipartUpload, the manifest and index PUTs, DeleteObjects",
+@row("INF-03", "infrastructure", "S3 faults on the assembler's writes, once each: 500 on CreateMultipartUpload, "
+     "UploadPart and the first PUT (the manifest), 503 SlowDown on CompleteMultipartUpload, 503 ServiceUnavailable "
+     "on DeleteObjects",
      "botocore retries them; one log version, one manifest, one index entry, staging cleaned")
 def inf_s3_assembler_writes(h: Harness) -> None:
     chunks = staged(h, 3)
-    ops = ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "PutObject", "DeleteObjects")
-    rules = [h.inj.add("s3", op, s3_error("SlowDown", 503), times=1) for op in ops]
+    faults = {"CreateMultipartUpload": s3_error("InternalError", 500), "UploadPart": s3_error("InternalError", 500),
+              "CompleteMultipartUpload": s3_error("SlowDown", 503), "PutObject": s3_error("InternalError", 500),
+              "DeleteObjects": s3_error("ServiceUnavailable", 503)}
+    rules = [h.inj.add("s3", op, fault, times=1) for op, fault in faults.items()]
     file_and_account(h, chunks)
-    assert [r.hits for r in rules] == [1] * len(ops)
+    assert [r.hits for r in rules] == [1] * len(faults)
 
 
 @row("INF-04", "infrastructure", "S3 answers 500 to every assembler call for longer than botocore retries",
@@ -832,11 +835,11 @@ def _spool_full(h: Harness, policy: str) -> tuple[Recorded, Filed, str]:
     spool, how = h.small_spool("64k")
     proxy = h.proxy()
     proxy.add("cut", "PUT", "/chunks/")
-    bursts = [("o", os.urandom(16 << 10)) for _ in range(7)]
+    bursts = [("o", os.urandom(16 << 10)) for _ in range(6)]
     steps: list[tuple[Any, ...]] = []
     for burst in bursts:
         steps += [burst, ("sleep", 0.2)]
-    steps += [("mark", "bursts-done"), ("sleep", 1.5), ("o", b"after S3 came back\n"), ("e", b"bye\n")]
+    steps += [("mark", "bursts-done"), ("sleep", 1.0), ("o", b"after S3 came back\n"), ("e", b"bye\n")]
     if policy == "continue":
         h.when(lambda: h.last_work is not None and (h.last_work / "wrote.mark.bursts-done").exists(), proxy.clear)
     else:
