@@ -192,8 +192,10 @@ def inf_s3_assembler_down(h: Harness) -> None:
     file_and_account(h, chunks)
 
 
-@row("INF-05", "infrastructure", "S3 503 SlowDown on the API's GetObject of the filed log and of its manifest",
-     "botocore retries them; 200 with the inline log, byte-exact, and the view recorded")
+@row("INF-05", "infrastructure", "S3 faults on the API's calls: 503 SlowDown on the GetObject of the filed log "
+     "(twice) and of its manifest; 500 on the timeline's listing (twice) and 503 on an index entry's GetObject",
+     "botocore retries them; 200 with the inline log, byte-exact, and the view recorded; 200 with the full "
+     "timeline, nothing skipped")
 def inf_s3_api_throttled(h: Harness) -> None:
     chunks = staged(h, 2)
     file_and_account(h, chunks)
@@ -205,6 +207,11 @@ def inf_s3_api_throttled(h: Harness) -> None:
     h.assert_no_loss(h.account(APP, chunks.session_id, "staged", h.filed(APP, chunks.session_id).stream_bytes(),
                                api_log(body), "as served inline by the API"))
     assert len(h.keys_under(keys.access_prefix(APP, chunks.session_id))) == 1
+    listing = h.inj.add("s3", "ListObjectsV2", s3_error("InternalError", 500), times=2, key=f"/{h.bucket}")
+    entry = h.inj.add("s3", "GetObject", s3_error(), times=1, key="/index/")
+    status, body = h.api_json(f"/apps/{APP}/sessions")
+    assert status == 200 and [s["session_id"] for s in body["sessions"]] == [chunks.session_id], body
+    assert (listing.hits, entry.hits) == (2, 1) and body["skipped"] == []
 
 
 @row("INF-06", "infrastructure", "S3 answers 500 to every API call for longer than botocore retries",
