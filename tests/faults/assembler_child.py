@@ -1,8 +1,10 @@
-"""Run the assembler handler on one SQS batch event in a process of its own, to be killed mid-work.
+"""Run the assembler handler on one SQS batch event in a process of its own.
 
-``python assembler_child.py EVENT.json READY_FILE`` — with ``FAULT_HANG_ON=Operation`` the process
-writes READY_FILE and hangs forever when it is about to send that S3 operation (the parent kills it
-with SIGKILL, as Lambda does when a function times out: no ``finally``, no abort, nothing).
+``python assembler_child.py EVENT.json READY_FILE`` prints the handler's response as JSON. With
+``FAULT_HANG_ON=Operation`` the process writes READY_FILE and hangs when it is about to send that
+S3 operation, so the parent can kill it with SIGKILL as Lambda does when a function times out (no
+``finally``, no abort, nothing). The parent may also bound its memory and time, so a row whose input
+could make the assembler run away cannot take the test machine with it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ def main() -> None:
     operation = os.environ.get("FAULT_HANG_ON", "")
 
     def hang(request: Any, event_name: str = "", **_: Any) -> None:
-        if event_name.endswith("." + operation):
+        if operation and event_name.endswith("." + operation):
             ready.write_text(event_name)
             while True:
                 time.sleep(60)
 
     client("s3").meta.events.register_first("before-send", hang)
-    load_handler("assembler")(event, LocalContext("assembler"))
+    response = load_handler("assembler")(event, LocalContext("assembler"))
+    print(json.dumps(response))
 
 
 if __name__ == "__main__":

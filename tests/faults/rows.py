@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -1498,3 +1499,51 @@ def hri_almost_events(h: Harness) -> None:
     assert all(d.startswith("line 3") or "line 3:" in d for d in details), details
     assert filed.trailer["complete"] is False and filed.trailer["gaps"]["missing"] == []
     h.assert_no_loss(h.account_staged(chunks, {0, len(seq_lines) - 1}, filed))
+
+
+def _assemble_in_child(h: Harness, memory: int = 1 << 30, limit: float = 90) -> tuple[int, list[tuple[str, bool]]]:
+    """Run one delivery of the queue in a child process bounded in memory and time; (exit code, outcomes)."""
+    sqs = client("sqs")
+    arn = sqs.get_queue_attributes(QueueUrl=h.stack.queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    messages = h.queue_messages()
+    event = h.tmp / "event.json"
+    event.write_text(json.dumps(sqs_batch_event(messages, arn)))
+
+    def bound() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    child = subprocess.run([sys.executable, str(Path(__file__).with_name("assembler_child.py")), str(event),
+                            str(h.tmp / "ready")], env=h.stack.env(), capture_output=True, timeout=limit,
+                           preexec_fn=bound)
+    failed = set()
+    if child.returncode == 0:
+        failed = {i["itemIdentifier"] for i in json.loads(child.stdout.splitlines()[-1])["batchItemFailures"]}
+    for message in messages:
+        if child.returncode == 0 and message["MessageId"] not in failed:
+            sqs.delete_message(QueueUrl=h.stack.queue_url, ReceiptHandle=message["ReceiptHandle"])
+        else:
+            sqs.change_message_visibility(QueueUrl=h.stack.queue_url, ReceiptHandle=message["ReceiptHandle"],
+                                          VisibilityTimeout=0)
+    return child.returncode, [(m["Body"], child.returncode != 0 or m["MessageId"] in failed) for m in messages]
+
+
+@row("HRI-19", "hostile-runner", "sequence numbers far apart: a session without a close marker whose runner also "
+     "PUT chunks/99999999.gz (the highest seq a key may name), then abandoned: without a bound the assembler "
+     "would account for 100 million missing chunks",
+     "the assembler stays bounded (run in a child process limited to 1 GiB and 90 s): the session is filed "
+     "abandoned, complete: false, with the far chunk as corrupt unexpected-chunk preserved as gap-data, and every "
+     "genuine byte in the log")
+def hri_far_sequence_numbers(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(2))
+    hs.stage(h.bucket, chunks, closed=False)
+    far = formats.encode_chunk(hs.chunk_header(APP, chunks.session_id, 99_999_999, 0, None),
+                               hs.output_events([b"far away\r\n"]))
+    h.put(keys.chunk_key(APP, chunks.session_id, 99_999_999), far)
+    assert h.sweep(after=3601) == [(APP, chunks.session_id)]
+    code, handled = _assemble_in_child(h)
+    assert code == 0 and [failed for _, failed in handled] == [False], (code, handled)
+    filed = h.filed(APP, chunks.session_id)
+    corrupt = {g["seq"]: g["reason"] for g in filed.trailer["gaps"]["corrupt"]}
+    assert corrupt == {99_999_999: "unexpected-chunk"} and filed.trailer["gaps"]["missing"] == [], filed.trailer
+    preserved(filed, 99_999_999, far)
+    h.assert_no_loss(h.account_staged(chunks, {0, 1}, filed))
