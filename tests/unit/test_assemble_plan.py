@@ -18,6 +18,7 @@ from helpers_staging import (
     ENDED_AT,
     MemoryReader,
     build_chunks,
+    chunk_header,
     close_marker,
     corrupt_case,
     expected_log,
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 from oneoff_audit import assemble, formats
 from oneoff_audit.assemble import Plan, render_log, verify_session
+from oneoff_audit.errors import FormatError
 from oneoff_audit.staging import StagingChangedError
 
 pytestmark = pytest.mark.unit
@@ -147,7 +149,7 @@ def test_chunks_beyond_the_close_marker_are_preserved_as_unexpected():
     closed = close_marker(build_chunks(APP, SID, chunks.batches[:2]))
     plan, reader = plan_for(dict(enumerate(chunks.blobs)), closed)
     assert plan.gaps == {"missing": [], "corrupt": [{"seq": 2, "reason": "unexpected-chunk"}]}
-    assert plan.chunk_slots == 2
+    assert plan.chunk_slots == 2 and plan.trailer["chain_sha256"] == chunks.digests[1]
     log = render(plan, reader)
     data = [e[2] for e in lines(log)[1:-1] if e[1] == "m" and e[2]["kind"] == "gap-data"]
     assert b"".join(base64.b64decode(d["data"]["b64"]) for d in data) == chunks.blobs[2]
@@ -243,3 +245,20 @@ def test_any_arrival_order_duplicates_and_losses_give_exact_or_explicitly_incomp
     assert trailer["gaps"] == {"missing": sorted(lost), "corrupt": []}
     assert trailer["event_count"] == sum(len(b) for b in expected_batches if b) + len(lost)
     assert plan.plaintext_sha256 == hashlib.sha256(log).hexdigest()
+
+
+def test_a_stray_chunk_far_beyond_does_not_open_millions_of_gaps():
+    batches = sample_batches(2)
+    chunks = build_chunks(APP, SID, batches)
+    stray = formats.encode_chunk(chunk_header(APP, SID, 99_999_999, 0, None), [[9.0, "o", "?"]])
+    plan, _ = plan_for({0: chunks.blobs[0], 1: chunks.blobs[1], 99_999_999: stray}, None)
+    assert plan.chunk_slots == 2
+    assert plan.gaps == {"missing": [], "corrupt": [{"seq": 99_999_999, "reason": "unexpected-chunk"}]}
+    assert "more than 10000 would be missing" in plan.slots[-1].detail
+
+
+def test_close_marker_with_too_many_chunks_is_refused(monkeypatch):
+    monkeypatch.setattr(assemble, "MAX_CHUNK_COUNT", 3)
+    chunks = build_chunks(APP, SID, sample_batches(4))
+    with pytest.raises(FormatError, match=r"closed\.json: chunk_count: 4 chunks is more than the 3"):
+        plan_for(dict(enumerate(chunks.blobs)), close_marker(chunks))

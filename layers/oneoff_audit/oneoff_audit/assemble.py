@@ -73,6 +73,8 @@ SWEEP_MESSAGE = "sweep"
 GAP = "gap"
 GAP_DATA = "gap-data"
 MAX_CHUNK_OBJECT_BYTES = 256 << 20  # larger chunk objects are not read (nor preserved) at all
+MAX_CHUNK_COUNT = 1_000_000  # chunk positions in one log (what a 64 MB closed.json can list)
+MAX_UNMARKED_MISSING = 10_000  # holes accepted below the highest chunk of a session without a close marker
 RAW_PIECE = 384 << 10  # raw bytes per gap-data marker: 512 KiB of base64, well under a log line's cap
 OUT_PIECE = 1 << 20  # decompressed bytes per step
 DETAIL_MAX = 300
@@ -105,7 +107,7 @@ class NothingStagedError(NotFoundError):
 # ---------------------------------------------------------------- pass 1: verification
 
 
-@dataclass
+@dataclass(slots=True)
 class Slot:
     """One chunk position of the log: a verified chunk, or a gap (missing or corrupt)."""
 
@@ -141,6 +143,7 @@ class Plan:
     trailer_line: bytes
     plaintext_sha256: str
     plaintext_size: int
+    chunk_slots: int  # chunk positions 0..n-1 the log accounts for (the close marker's count, else the highest seen)
 
     @property
     def gaps(self) -> dict[str, Any]:
@@ -151,14 +154,6 @@ class Plan:
     def has_gaps(self) -> bool:
         """True if any chunk is missing or corrupt."""
         return bool(self.gaps["missing"] or self.gaps["corrupt"])
-
-    @property
-    def chunk_slots(self) -> int:
-        """Chunk positions 0..n-1 the log accounts for: the close marker's count, else the highest seq + 1."""
-        expected = self.trailer["expected_chunk_count"]
-        if expected is not None:
-            return int(expected)
-        return self.slots[-1].seq + 1 if self.slots else 0
 
 
 @dataclass
@@ -524,14 +519,15 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
     totals = _Totals()
     expected = closed["chunk_count"] if closed is not None else None
     digests: list[str] = closed["chunk_sha256"] if closed is not None else []
-    if expected is None:
-        seqs = list(range(max(chunks) + 1)) if chunks else []
-    else:
-        seqs = list(range(expected)) + sorted(seq for seq in chunks if seq >= expected)
+    if expected is not None and expected > MAX_CHUNK_COUNT:
+        raise FormatError("closed.json", "chunk_count", f"{expected} chunks is more than the {MAX_CHUNK_COUNT} "
+                                                        "the assembler files in one log")
+    limit = expected if expected is not None else _unmarked_limit(chunks)
+    seqs = list(range(limit)) + sorted(seq for seq in chunks if seq >= limit)
     expect = getattr(reader, "expect", None)
     if expect is not None:
         expect(chunks[seq] for seq in seqs if seq in chunks and chunks[seq].size <= MAX_CHUNK_OBJECT_BYTES
-               and (expected is None or seq < expected))
+               and seq < limit)
     slots: list[Slot] = []
     index: int | None = 0
     prev_actual: str | None = None  # hash of the previous slot's object, if it was read
@@ -556,9 +552,10 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
             index = None
             prev_actual = None
             continue
-        if expected is not None and seq >= expected:
-            slot = Slot(seq, "corrupt", chunk, reason=UNEXPECTED_CHUNK,
-                        detail=f"the close marker lists {expected} chunks", t=totals.last_t)
+        if seq >= limit:
+            slot = Slot(seq, "corrupt", chunk, reason=UNEXPECTED_CHUNK, t=totals.last_t,
+                        detail=f"the close marker lists {expected} chunks" if expected is not None
+                        else f"too far beyond the other chunks (more than {MAX_UNMARKED_MISSING} would be missing)")
         elif chunk.size > MAX_CHUNK_OBJECT_BYTES:
             slot = Slot(seq, "corrupt", chunk, reason=TOO_LARGE,
                         detail=f"object is {chunk.size} bytes (limit {MAX_CHUNK_OBJECT_BYTES}); not read",
@@ -611,7 +608,9 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
     corrupt = [{"seq": s.seq, "reason": s.reason} for s in slots if s.status == "corrupt"]
     if missing:
         logger.warning("chunks missing", extra={"missing": missing[:100], "missing_count": len(missing)})
-    last = slots[-1] if slots else None
+    # The chain's final hash: that of the last chunk position's object, when it verified (its header
+    # chains back, through the close marker's digests, to chunk 0).
+    last = slots[limit - 1] if limit else None
     chain = last.sha256 if last is not None and last.status == "ok" else None
     started = formats.parse_time(opened["started_at"])
     if closed is not None:
@@ -652,7 +651,19 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
     log_hash.update(trailer_line)
     size += len(trailer_line)
     return Plan(app, session_id, opened, closed, header_line, slots, trailer, trailer_line,
-                log_hash.hexdigest(), size)
+                log_hash.hexdigest(), size, limit)
+
+
+def _unmarked_limit(chunks: dict[int, StagedChunk]) -> int:
+    """Chunk positions of a session without a close marker: up to the highest chunk seen, unless that
+    means more than MAX_UNMARKED_MISSING holes (a stray chunk far beyond is kept, as unexpected)."""
+    limit = missing = 0
+    for seq in sorted(chunks):
+        missing += seq - limit
+        if missing > MAX_UNMARKED_MISSING or seq >= MAX_CHUNK_COUNT:
+            break
+        limit = seq + 1
+    return limit
 
 
 def _object_sha256(reader: ChunkReader, chunk: StagedChunk) -> str:
@@ -842,11 +853,12 @@ class LogSummary:
     chunk_slots: int
     close_marker: bool
 
-    def covered_chunks(self) -> set[int]:
-        """Sequence numbers of the staged chunks whose bytes the log holds (as events or gap-data)."""
-        gaps = self.filed.gaps
-        covered = set(range(self.chunk_slots)) - set(gaps["missing"])
-        return covered | {g["seq"] for g in gaps["corrupt"]}
+    def covers(self) -> Callable[[int], bool]:
+        """A test of whether the log holds the bytes of chunk ``seq`` (as events or as gap-data)."""
+        missing = set(self.filed.gaps["missing"])
+        corrupt = {g["seq"] for g in self.filed.gaps["corrupt"]}
+        slots = self.chunk_slots
+        return lambda seq: (seq < slots and seq not in missing) or seq in corrupt
 
 
 def _summary_from_plan(plan: Plan, log_key: str, version_id: str | None, ct_sha: str, ct_size: int) -> LogSummary:
@@ -881,7 +893,7 @@ def _summary_from_head(config: AssemblerConfig, app: str, session_id: str, log_k
         code, _, signal = meta["exit"].partition(",")
         filed = FiledLog(
             app=app, session_id=session_id, log_key=log_key, log_version_id=version_id,
-            ciphertext_sha256=_stored_sha256(config.bucket, log_key, version_id),
+            ciphertext_sha256=_ciphertext_sha256(config, app, session_id, log_key, version_id, head),
             ciphertext_size=int(head["ContentLength"]),
             plaintext_sha256=meta["plaintext-sha256"], plaintext_size=int(meta["plaintext-size"]),
             chain_sha256=_unopt(meta["chain-sha256"]), event_count=int(meta["event-count"]),
@@ -893,6 +905,29 @@ def _summary_from_head(config: AssemblerConfig, app: str, session_id: str, log_k
                           int(meta["chunk-slots"]), meta["close-marker"] == "true")
     except (KeyError, ValueError) as err:
         raise IntegrityError(f"{log_key}: object metadata is not an oneoff-audit log summary ({err})") from err
+
+
+def _ciphertext_sha256(config: AssemblerConfig, app: str, session_id: str, log_key: str, version_id: str | None,
+                       head: dict[str, Any]) -> str:
+    """The filed log's ciphertext SHA-256: from its manifest if one was written for this very version
+    (no need to read a large log again), else by hashing the stored object."""
+    try:
+        from oneoff_audit.evidence.manifest import MAX_MANIFEST_BYTES, parse_manifest
+
+        key = keys.manifest_key(app, session_id)
+        raw = client("s3").get_object(Bucket=config.bucket, Key=key)["Body"].read(MAX_MANIFEST_BYTES + 1)
+        doc = parse_manifest(raw, key)
+        meta = head.get("Metadata", {})
+        if (doc["log_key"], doc["log_version_id"], doc["ciphertext_size"], doc["plaintext_sha256"]) == (
+                log_key, version_id, int(head["ContentLength"]), meta.get("plaintext-sha256")):
+            return str(doc["ciphertext_sha256"])
+        logger.warning("manifest does not describe the stored log; hashing the log", extra={"manifest": key})
+    except ClientError as err:
+        if not is_not_found(err):
+            raise
+    except (ImportError, FormatError, KeyError, ValueError):
+        pass
+    return _stored_sha256(config.bucket, log_key, version_id)
 
 
 def _stored_sha256(bucket: str, key: str, version_id: str | None) -> str:
@@ -1009,9 +1044,9 @@ def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
     """Delete the staged objects the log covers: chunks, then closed.json, then opened.json."""
     filed = summary.filed
     staged = list_session(config.bucket, filed.app, filed.session_id, config.staging_prefix)
-    covered = summary.covered_chunks()
-    chunk_keys = [c.key for seq, c in sorted(staged.chunks.items()) if seq in covered]
-    left = [c.key for seq, c in sorted(staged.chunks.items()) if seq not in covered] + staged.other_keys
+    covered = summary.covers()
+    chunk_keys = [c.key for seq, c in sorted(staged.chunks.items()) if covered(seq)]
+    left = [c.key for seq, c in sorted(staged.chunks.items()) if not covered(seq)] + staged.other_keys
     batches = [chunk_keys[i:i + 1000] for i in range(0, len(chunk_keys), 1000)]
     if staged.closed_key is not None:
         if summary.close_marker:
