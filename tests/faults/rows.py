@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import helpers_staging as hs
 import pytest
 from faultkit import (
+    CLI,
     Filed,
     Harness,
     Recorded,
@@ -1547,3 +1548,46 @@ def hri_far_sequence_numbers(h: Harness) -> None:
     assert corrupt == {99_999_999: "unexpected-chunk"} and filed.trailer["gaps"]["missing"] == [], filed.trailer
     preserved(filed, 99_999_999, far)
     h.assert_no_loss(h.account_staged(chunks, {0, 1}, filed))
+
+
+@row("RUN-08", "runner", "S3 is unreachable for the whole session and the close: every chunk and the close "
+     "marker end in the spool; before `oneoff-audit flush-spool` runs, someone on the runner flips one byte of a "
+     "spooled chunk (chunks/00000001.gz)",
+     "flush-spool uploads what it can and reports the damaged file; the session is filed with every intact "
+     "chunk's bytes and complete: false naming chunk 1 (corrupt or missing) -- the damaged file does not strand "
+     "the valid rest of the session on the runner")
+def run_spool_tampered(h: Harness) -> None:
+    proxy = h.proxy()
+    proxy.add("cut", "PUT", "/chunks/")
+    proxy.add("cut", "PUT", "/closed.json")
+    spool = h.tmp / "spool"
+    rec = h.record(APP, output_steps(4, 0.25), via_proxy=True, spool_dir=spool,
+                   options=("--queue-bytes", "1K", "--flush-timeout", "1"))
+    assert rec.returncode == 0
+    session_dir = spool / APP / rec.session_id
+    spooled = sorted(p.name for p in (session_dir / "chunks").iterdir())
+    assert len(spooled) >= 3 and (session_dir / "closed.json").exists(), spooled
+    assert h.keys_under(keys.session_prefix(APP, rec.session_id)) == [keys.opened_key(APP, rec.session_id)]
+    target = session_dir / "chunks" / "00000001.gz"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    target.write_bytes(bytes(data))
+    proxy.clear()
+    flush = subprocess.run([CLI, "flush-spool", "--spool-dir", str(spool), "--timeout", "20"], env=h.stack.env(),
+                           capture_output=True, timeout=60)
+    assert b"00000001.gz" in flush.stderr, flush.stderr
+    if not h.keys_under(keys.closed_key(APP, rec.session_id)):
+        h.sweep(after=3601)  # no close marker reached S3: the sweeper files what did
+    h.deliver(2)
+    filed = h.filed(APP, rec.session_id)
+    gaps = filed.trailer["gaps"]
+    named = set(gaps["missing"]) | {g["seq"] for g in gaps["corrupt"]}
+    expected = {"i": b"", "o": rec.wrote["o"], "e": rec.wrote["e"]}
+    h.account(APP, rec.session_id, "process", expected, filed, "chunk 1 damaged in the spool")
+    stored_seqs = len(spooled)
+    left = sorted(str(p.relative_to(session_dir)) for p in session_dir.rglob("*") if p.is_file())
+    assert filed.trailer["expected_chunk_count"] == stored_seqs and filed.trailer["chunk_count"] >= stored_seqs - 1, (
+        f"the filed log knows {filed.trailer['chunk_count']} of the session's {stored_seqs} chunks "
+        f"(expected_chunk_count {filed.trailer['expected_chunk_count']}, gaps {gaps}); flush-spool stopped at the "
+        f"damaged file and left {left} on the runner: {flush.stderr.decode(errors='replace').strip()}")
+    assert filed.trailer["complete"] is False and 1 in named, filed.trailer
