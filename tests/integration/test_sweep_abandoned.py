@@ -22,7 +22,7 @@ from helpers_staging import (
 )
 
 from oneoff_audit import formats, keys
-from oneoff_audit.assemble import ABANDONED_REASON, process_message
+from oneoff_audit.assemble import ABANDONED_REASON, UnfiledStagingError, process_message
 from oneoff_audit.aws import client
 from oneoff_audit.config import AssemblerConfig, SweeperConfig
 from oneoff_audit.local import load_handler
@@ -110,7 +110,7 @@ def test_sweeper_finishes_the_cleanup_of_a_session_filed_by_a_run_that_crashed(c
     assert len(log_versions(stack.bucket, keys.log_key(APP, sid))) == 1
 
 
-def test_objects_staged_after_an_abandoned_filing_are_left_and_reported(configs, stack):
+def test_objects_staged_after_an_abandoned_filing_are_kept_and_the_message_fails(configs, stack):
     _, assembler = configs
     sid = "LATECOMER"
     batches = [output_events([f"{i}\r\n"], start=i) for i in range(3)]
@@ -120,13 +120,14 @@ def test_objects_staged_after_an_abandoned_filing_are_left_and_reported(configs,
     # the runner was only slow: its last chunk upload and close marker arrive after the filing
     put(stack.bucket, keys.chunk_key(APP, sid, 1), chunks.blobs[1])
     put(stack.bucket, keys.closed_key(APP, sid), json.dumps(close_marker(chunks)).encode())
-    with capture_logs() as logs:
-        process_message(assembler, {"Records": [{"eventName": "ObjectCreated:Put", "s3": {
-            "bucket": {"name": stack.bucket}, "object": {"key": keys.closed_key(APP, sid)}}}]}, 1)
+    event = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {
+        "bucket": {"name": stack.bucket}, "object": {"key": keys.closed_key(APP, sid)}}}]}
+    with capture_logs() as logs, pytest.raises(UnfiledStagingError, match="arrived after the log was filed"):
+        process_message(assembler, event, 1)  # fails, so the message ends in the dead-letter queue
     [line] = logs.find("staged objects not covered by the filed log are left in staging", session_id=sid)
-    assert line["level"] == "ERROR" and sorted(line["keys"]) == sorted([keys.chunk_key(APP, sid, 1),
-                                                                        keys.closed_key(APP, sid)])
-    assert sorted(staged_keys(stack.bucket, APP, sid)) == sorted(line["keys"])
+    late = sorted([keys.chunk_key(APP, sid, 1), keys.closed_key(APP, sid)])
+    assert line["level"] == "ERROR" and sorted(line["keys"]) == late
+    assert sorted(staged_keys(stack.bucket, APP, sid)) == late  # never deleted
     assert len(log_versions(stack.bucket, keys.log_key(APP, sid))) == 1
 
 

@@ -262,3 +262,10 @@ def test_close_marker_with_too_many_chunks_is_refused(monkeypatch):
     chunks = build_chunks(APP, SID, sample_batches(4))
     with pytest.raises(FormatError, match=r"closed\.json: chunk_count: 4 chunks is more than the 3"):
         plan_for(dict(enumerate(chunks.blobs)), close_marker(chunks))
+
+
+def test_bytes_the_runner_lost_make_the_log_incomplete_without_gaps():
+    chunks = build_chunks(APP, SID, sample_batches(2))
+    plan, _ = plan_for(dict(enumerate(chunks.blobs)), close_marker(chunks, lost_bytes=4096))
+    assert plan.trailer["lost_bytes"] == 4096 and plan.trailer["complete"] is False
+    assert not plan.has_gaps  # nothing to wait for: no retry, filed at once

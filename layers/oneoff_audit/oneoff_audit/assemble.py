@@ -104,6 +104,10 @@ class NothingStagedError(NotFoundError):
     """Neither a filed log nor anything in staging exists for the session."""
 
 
+class UnfiledStagingError(IntegrityError):
+    """Staged objects remain that the filed log does not hold (they arrived after it was filed)."""
+
+
 # ---------------------------------------------------------------- pass 1: verification
 
 
@@ -640,7 +644,8 @@ def verify_session(app: str, session_id: str, opened: dict[str, Any], closed: di
         "chunk_count": sum(1 for s in slots if s.chunk is not None),
         "expected_chunk_count": expected,
         "chain_sha256": chain,
-        "complete": closed is not None and not missing and not corrupt,
+        # complete: closed normally, every chunk verified, and the runner lost no bytes while capturing
+        "complete": closed is not None and not missing and not corrupt and lost == 0,
         "gaps": {"missing": missing, "corrupt": corrupt},
         "withheld_input_bytes": withheld,
         "lost_bytes": lost,
@@ -1041,7 +1046,12 @@ def _write_index(config: AssemblerConfig, summary: LogSummary, opened: dict[str,
 
 
 def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
-    """Delete the staged objects the log covers: chunks, then closed.json, then opened.json."""
+    """Delete the staged objects the log covers: chunks, then closed.json, then opened.json.
+
+    Objects the log does not cover (a chunk or close marker that arrived after the log was filed) are
+    never deleted: opened.json is kept beside them and :class:`UnfiledStagingError` is raised, so the
+    message fails and ends in the dead-letter queue, with the keys in the reason.
+    """
     filed = summary.filed
     staged = list_session(config.bucket, filed.app, filed.session_id, config.staging_prefix)
     covered = summary.covers()
@@ -1053,11 +1063,8 @@ def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
             batches.append([staged.closed_key])
         else:
             left.append(staged.closed_key)
-    if staged.opened_key is not None:
+    if staged.opened_key is not None and not left:
         batches.append([staged.opened_key])
-    if left:
-        logger.error("staged objects not covered by the filed log are left in staging",
-                     extra={"keys": left[:50], "count": len(left)})
     deleted = 0
     s3 = client("s3")
     for batch in batches:
@@ -1066,6 +1073,11 @@ def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
         if response.get("Errors"):
             raise RetryLaterError(f"could not delete staged objects: {response['Errors'][:3]}")
         deleted += len(batch)
+    if left:
+        logger.error("staged objects not covered by the filed log are left in staging",
+                     extra={"keys": left[:50], "count": len(left)})
+        raise UnfiledStagingError(f"{len(left)} staged object(s) arrived after the log was filed and are in no "
+                                  f"log; left in staging: {', '.join(left[:5])}")
     return deleted
 
 
