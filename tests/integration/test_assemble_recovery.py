@@ -181,8 +181,9 @@ def sqs_record(message_id: str, body: dict | str, receive_count: int = 1) -> dic
             "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:assembly"}
 
 
-def test_handler_reports_only_the_failing_messages(stack, lambda_context):
+def test_handler_reports_only_the_failing_messages(stack, lambda_context, capsys):
     handler = load_handler("assembler")
+    assemble.metrics.clear_metrics()  # what earlier tests that called assemble_session directly recorded
     good, gappy = "HANDLERGOOD", "HANDLERGAP"
     staged_session(stack, good)
     stage(stack.bucket, build_chunks(APP, gappy, [output_events(["a"]), output_events(["b"])]), skip=[0])
@@ -208,3 +209,9 @@ def test_handler_reports_only_the_failing_messages(stack, lambda_context):
     assert logs.find("ignoring s3:TestEvent") and logs.find("dropping sweeper message: nothing to file")
     assert staged_keys(stack.bucket, APP, good) == []
     assert len(staged_keys(stack.bucket, APP, gappy)) == 3
+    # the metrics of the invocation, flushed as one CloudWatch embedded-metric-format line
+    [emf] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    names = [m["Name"] for m in emf["_aws"]["CloudWatchMetrics"][0]["Metrics"]]
+    assert {"SessionsFiled", "SessionsIncomplete", "SessionsAbandoned", "BytesFiled", "AssemblyDuration"} <= set(names)
+    assert (emf["SessionsFiled"], emf["SessionsIncomplete"], emf["SessionsAbandoned"]) == ([1.0], [0.0], [0.0])
+    assert emf["BytesFiled"][0] > 0 and emf["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "OneoffAudit"

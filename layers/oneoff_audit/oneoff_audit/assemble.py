@@ -1177,11 +1177,11 @@ def _assemble_staged(config: AssemblerConfig, app: str, session_id: str, attempt
         "status": filed.status, "gaps": _short_gaps(filed.gaps), "plaintext_size": filed.plaintext_size,
         "ciphertext_size": filed.ciphertext_size, "event_count": filed.event_count, "attempt": attempt,
         "verify_seconds": round(verified - started, 3), "upload_seconds": round(time.monotonic() - verified, 3)})
-    _finish(config, summary, opened)
     metrics.add_metric(name="SessionsFiled", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="SessionsIncomplete", unit=MetricUnit.Count, value=0 if filed.complete else 1)
     metrics.add_metric(name="SessionsAbandoned", unit=MetricUnit.Count, value=int(filed.status == "abandoned"))
     metrics.add_metric(name="BytesFiled", unit=MetricUnit.Bytes, value=filed.plaintext_size)
+    _finish(config, summary, opened)
     metrics.add_metric(name="AssemblyDuration", unit=MetricUnit.Seconds, value=round(time.monotonic() - started, 3))
     return filed
 
