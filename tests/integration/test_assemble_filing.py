@@ -306,3 +306,19 @@ def test_any_delivery_over_s3_gives_an_exact_or_explicitly_incomplete_log(config
                                trailer)
     assert filed.complete is (not lost) and filed.gaps == {"missing": sorted(lost), "corrupt": []}
     assert staged_keys(stack.bucket, APP, sid) == []
+
+
+def test_objects_outside_the_staging_layout_are_left_and_reported(config, stack):
+    sid = "PLANTED1"
+    chunks = build_chunks(APP, sid, rich_batches())
+    planted = [keys.session_prefix(APP, sid) + "chunks/\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff11.gz",
+               keys.session_prefix(APP, sid) + "notes.txt"]
+    for key in planted:
+        put(stack.bucket, key, chunks.blobs[1])
+    stage(stack.bucket, chunks)
+    with capture_logs() as logs:
+        filed = assemble_session(config, APP, sid)
+    assert filed.complete is True and filed.gaps == {"missing": [], "corrupt": []}
+    [line] = logs.find("objects outside the staging layout are left in the session's folder", session_id=sid)
+    assert line["level"] == "ERROR" and sorted(line["keys"]) == sorted(planted)
+    assert sorted(staged_keys(stack.bucket, APP, sid)) == sorted(planted)

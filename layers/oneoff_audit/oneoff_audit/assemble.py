@@ -1048,22 +1048,23 @@ def _write_index(config: AssemblerConfig, summary: LogSummary, opened: dict[str,
 def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
     """Delete the staged objects the log covers: chunks, then closed.json, then opened.json.
 
-    Objects the log does not cover (a chunk or close marker that arrived after the log was filed) are
-    never deleted: opened.json is kept beside them and :class:`UnfiledStagingError` is raised, so the
-    message fails and ends in the dead-letter queue, with the keys in the reason.
+    A chunk or close marker the log does not cover (it arrived after the log was filed) is never
+    deleted: :class:`UnfiledStagingError` is raised so that the message fails and ends in the
+    dead-letter queue with the keys in the reason. Objects outside the staging layout cannot belong
+    to any log; they are left and reported in an error log line.
     """
     filed = summary.filed
     staged = list_session(config.bucket, filed.app, filed.session_id, config.staging_prefix)
     covered = summary.covers()
     chunk_keys = [c.key for seq, c in sorted(staged.chunks.items()) if covered(seq)]
-    left = [c.key for seq, c in sorted(staged.chunks.items()) if not covered(seq)] + staged.other_keys
+    late = [c.key for seq, c in sorted(staged.chunks.items()) if not covered(seq)]
     batches = [chunk_keys[i:i + 1000] for i in range(0, len(chunk_keys), 1000)]
     if staged.closed_key is not None:
         if summary.close_marker:
             batches.append([staged.closed_key])
         else:
-            left.append(staged.closed_key)
-    if staged.opened_key is not None and not left:
+            late.append(staged.closed_key)
+    if staged.opened_key is not None:
         batches.append([staged.opened_key])
     deleted = 0
     s3 = client("s3")
@@ -1073,11 +1074,14 @@ def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
         if response.get("Errors"):
             raise RetryLaterError(f"could not delete staged objects: {response['Errors'][:3]}")
         deleted += len(batch)
-    if left:
+    if staged.other_keys:
+        logger.error("objects outside the staging layout are left in the session's folder",
+                     extra={"keys": staged.other_keys[:50], "count": len(staged.other_keys)})
+    if late:
         logger.error("staged objects not covered by the filed log are left in staging",
-                     extra={"keys": left[:50], "count": len(left)})
-        raise UnfiledStagingError(f"{len(left)} staged object(s) arrived after the log was filed and are in no "
-                                  f"log; left in staging: {', '.join(left[:5])}")
+                     extra={"keys": late[:50], "count": len(late)})
+        raise UnfiledStagingError(f"{len(late)} staged object(s) arrived after the log was filed and are in no "
+                                  f"log; left in staging: {', '.join(late[:5])}")
     return deleted
 
 
