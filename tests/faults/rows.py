@@ -692,10 +692,12 @@ def hri_lookalike_keys(h: Harness) -> None:
     h.put(planted, formats.encode_chunk(hs.chunk_header(APP, chunks.session_id, 1, 0, None),
                                         hs.output_events([b"forged\r\n"])))
     hs.stage(h.bucket, chunks)
-    h.deliver(1)
+    handled = h.deliver(1)
     filed = h.filed(APP, chunks.session_id)
     assert filed.trailer["complete"] is True and filed.trailer["chunk_count"] == 2
     h.assert_no_loss(h.account_staged(chunks, {0, 1}, filed))
+    # Not a chunk name, so it belongs to no log: left where it is (and reported in an error log line).
+    assert [failed for _, failed in handled] == [False], handled
     assert h.keys_under(keys.session_prefix(APP, chunks.session_id)) == [planted]
 
 
@@ -972,6 +974,12 @@ def run_late_chunks(h: Harness) -> None:
     assert in_a_log or dead_lettered, (
         f"late chunk 2 is in no filed log, the message succeeded ({handled!r}), and staging holds {left}: "
         "nothing will ever file these bytes and the staging lifecycle rule will delete them")
+    if not in_a_log:  # then the late objects must stay put and the message must reach the dead-letter queue
+        assert keys.chunk_key(APP, chunks.session_id, 2) in left and keys.closed_key(APP, chunks.session_id) in left
+        h.deliver(8)
+        assert h.queue_messages() == [] and len(h.queue_messages(h.stack.dlq_url)) == 1
+        assert h.s3.get_object(Bucket=h.bucket, Key=keys.chunk_key(APP, chunks.session_id, 2))[
+            "Body"].read() == chunks.blobs[2]
 
 
 # ================================================================ hostile API callers
