@@ -1599,3 +1599,32 @@ def run_spool_tampered(h: Harness) -> None:
         f"(expected_chunk_count {filed.trailer['expected_chunk_count']}, gaps {gaps}); flush-spool stopped at the "
         f"damaged file and left {left} on the runner: {flush.stderr.decode(errors='replace').strip()}")
     assert filed.trailer["complete"] is False and 1 in named, filed.trailer
+
+
+@row("HRI-20", "hostile-runner", "a premature, forged close marker: another runner PUTs closed.json (guessed digests) "
+     "into a live session after its chunks 0-1; the session is filed from it; then the genuine chunks 2-3 and the "
+     "genuine close marker arrive",
+     "the first filing is complete: false naming chunks 0-1 as sha256-mismatch (their bytes kept as gap-data); "
+     "the genuine chunks 2-3 and the genuine close marker (the evidence of what the runner really wrote) are "
+     "kept in staging, not deleted, and the message is dead-lettered naming them")
+def hri_premature_close(h: Harness) -> None:
+    chunks = hs.build_chunks(APP, new_session_id(), session_batches(4))
+    hs.stage(h.bucket, chunks, closed=False, skip=[2, 3])
+    forged = hs.close_marker(hs.StagedChunks(APP, chunks.session_id, chunks.batches[:2], chunks.blobs[:2]))
+    forged["chunk_sha256"] = ["a" * 64, "b" * 64]
+    h.put(keys.closed_key(APP, chunks.session_id), json.dumps(forged).encode())
+    filed = filed_incomplete(h, chunks, set(), corrupt={0: "sha256-mismatch", 1: "sha256-mismatch"})
+    preserved(filed, 0, chunks.blobs[0])
+    preserved(filed, 1, chunks.blobs[1])
+    genuine = json.dumps(hs.close_marker(chunks)).encode()
+    for seq in (2, 3):
+        h.put(keys.chunk_key(APP, chunks.session_id, seq), chunks.blobs[seq])
+    h.put(keys.closed_key(APP, chunks.session_id), genuine)
+    handled = h.deliver(1)
+    assert [failed for _, failed in handled] == [True], handled
+    left = h.keys_under(keys.session_prefix(APP, chunks.session_id))
+    for key in (keys.chunk_key(APP, chunks.session_id, 2), keys.chunk_key(APP, chunks.session_id, 3)):
+        assert key in left, left
+    assert keys.closed_key(APP, chunks.session_id) in left, (
+        f"the genuine close marker (the only record of the real chunk digests) was deleted; staging holds {left}")
+    assert h.s3.get_object(Bucket=h.bucket, Key=keys.closed_key(APP, chunks.session_id))["Body"].read() == genuine
