@@ -127,7 +127,7 @@ def test_crash_between_steps_is_finished_by_the_next_delivery(config, stack, ope
     assert staged_keys(stack.bucket, APP, sid) == []
 
 
-def test_recovery_reads_the_gaps_from_the_trailer_when_metadata_cannot_hold_them(config, stack, monkeypatch):
+def test_recovery_reads_the_gaps_from_their_sidecar_when_metadata_cannot_hold_them(config, stack, monkeypatch):
     honour_kms_digest_messages()  # many gaps make the manifest larger than KMS's 4096-byte RAW limit
     monkeypatch.setattr(assemble, "META_MAX_BYTES", 200)
     sid = "MANYGAPS"
@@ -150,8 +150,19 @@ def test_recovery_reads_the_gaps_from_the_trailer_when_metadata_cannot_hold_them
     finally:
         s3.meta.events.unregister("before-parameter-build.s3.PutObject", unique_id="crash-manifest")
     head = s3.head_object(Bucket=stack.bucket, Key=keys.log_key(APP, sid))
-    assert head["Metadata"]["gaps-missing"] == "see-trailer"
-    filed = assemble_session(config, APP, sid, attempt=3)
+    assert head["Metadata"]["gaps-missing"] == "see-gaps-object"
+    sidecar = keys.log_gaps_key(APP, sid, head["Metadata"]["plaintext-sha256"])
+    assert json.loads(s3.get_object(Bucket=stack.bucket, Key=sidecar)["Body"].read())["gaps"] == {
+        "missing": list(range(1, 40, 2)), "corrupt": []}
+    # the recovering run never decrypts: no kms:Decrypt for the assembler
+    def no_decrypt(**_):
+        raise AssertionError("the assembler called kms:Decrypt")
+
+    client("kms").meta.events.register("before-call.kms.Decrypt", no_decrypt, unique_id="no-decrypt")
+    try:
+        filed = assemble_session(config, APP, sid, attempt=3)
+    finally:
+        client("kms").meta.events.unregister("before-call.kms.Decrypt", unique_id="no-decrypt")
     assert filed.gaps == {"missing": list(range(1, 40, 2)), "corrupt": []}
     manifest = json.loads(s3.get_object(Bucket=stack.bucket, Key=keys.manifest_key(APP, sid))["Body"].read())
     assert {k: manifest[k] for k in filed.to_dict()} == filed.to_dict()

@@ -47,7 +47,7 @@ from oneoff_audit import crypto, formats, keys
 from oneoff_audit.aws import client
 from oneoff_audit.codec import decode_data
 from oneoff_audit.config import AssemblerConfig
-from oneoff_audit.crypto import check_context, encrypting_reader, key_provider, sdk_client
+from oneoff_audit.crypto import encrypting_reader
 from oneoff_audit.errors import FormatError, IntegrityError, InvalidIdError, NotFoundError, RetryLaterError
 from oneoff_audit.ids import validate_app, validate_session_id
 from oneoff_audit.models import FiledLog
@@ -840,8 +840,48 @@ def log_metadata(plan: Plan) -> dict[str, str]:
         "gaps-corrupt": ",".join(f"{g['seq']}:{g['reason']}" for g in t["gaps"]["corrupt"]),
     }
     if _meta_size(meta) > META_MAX_BYTES:
-        meta["gaps-missing"] = meta["gaps-corrupt"] = "see-trailer"
+        meta["gaps-missing"] = meta["gaps-corrupt"] = GAPS_IN_SIDECAR
     return meta
+
+
+GAPS_IN_SIDECAR = "see-gaps-object"
+
+
+def _write_gaps_sidecar(config: AssemblerConfig, plan: Plan) -> None:
+    """Store a gap list too large for metadata beside the log, before the log is completed.
+
+    A recovering run reads it back without decrypting the log (the assembler may only generate data keys).
+    It is keyed by the plaintext SHA-256, so it always describes exactly the log version that names it.
+    """
+    key = keys.log_gaps_key(plan.app, plan.session_id, plan.plaintext_sha256)
+    body = formats.dumps_line({"format": "oneoff-audit.gaps", "version": 1, "app": plan.app,
+                               "session_id": plan.session_id, "plaintext_sha256": plan.plaintext_sha256,
+                               "gaps": plan.trailer["gaps"]})
+    try:
+        client("s3").put_object(Bucket=config.bucket, Key=key, Body=body, IfNoneMatch="*",
+                                ContentType="application/json")
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise
+        existing = client("s3").get_object(Bucket=config.bucket, Key=key)["Body"].read(len(body) + 1)
+        if existing != body:
+            raise IntegrityError(f"{key}: a different gap list is already stored for this log") from err
+
+
+def _read_gaps_sidecar(config: AssemblerConfig, app: str, session_id: str, plaintext_sha256: str) -> dict[str, Any]:
+    """The gap list stored by :func:`_write_gaps_sidecar` for the log with this plaintext."""
+    key = keys.log_gaps_key(app, session_id, plaintext_sha256)
+    raw = client("s3").get_object(Bucket=config.bucket, Key=key)["Body"].read(formats.MAX_LINE_BYTES + 1)
+    doc = formats.parse_json(raw.rstrip(b"\n"), key)
+    if not isinstance(doc, dict) or (doc.get("app"), doc.get("session_id"), doc.get("plaintext_sha256")) != (
+            app, session_id, plaintext_sha256):
+        raise IntegrityError(f"{key}: gap list does not name this log")
+    gaps = doc.get("gaps")
+    trailer_gaps = formats.load_schema("log-trailer")["properties"]["gaps"]
+    errors = list(formats.Draft202012Validator(trailer_gaps).iter_errors(gaps))
+    if errors:
+        raise IntegrityError(f"{key}: malformed gap list: {errors[0].message}")
+    return gaps
 
 
 def _meta_size(meta: dict[str, str]) -> int:
@@ -889,8 +929,8 @@ def _summary_from_head(config: AssemblerConfig, app: str, session_id: str, log_k
     try:
         if meta.get("format") != "oneoff-audit.log/1" or meta["app"] != app or meta["session-id"] != session_id:
             raise KeyError("format/app/session-id")
-        if meta["gaps-missing"] == "see-trailer":
-            gaps = _read_trailer(config, log_key, version_id, app, session_id)["gaps"]
+        if meta["gaps-missing"] == GAPS_IN_SIDECAR:
+            gaps = _read_gaps_sidecar(config, app, session_id, meta["plaintext-sha256"])
         else:
             corrupt = [{"seq": int(s), "reason": r} for s, _, r in
                        (item.partition(":") for item in filter(None, meta["gaps-corrupt"].split(",")))]
@@ -950,25 +990,6 @@ def _stored_sha256(bucket: str, key: str, version_id: str | None) -> str:
     return digest.hexdigest()
 
 
-def _read_trailer(config: AssemblerConfig, key: str, version_id: str | None, app: str,
-                  session_id: str) -> dict[str, Any]:
-    """The trailer of a filed log, by decrypting it (streaming; only when metadata could not hold the gaps)."""
-    request: dict[str, Any] = {"Bucket": config.bucket, "Key": key}
-    if version_id:
-        request["VersionId"] = version_id
-    body = client("s3").get_object(**request)["Body"]
-    last = b""  # from the start of the last line seen so far
-    with sdk_client().stream(mode="d", source=body, key_provider=key_provider(config.kms_key_id)) as decryptor:
-        check_context(dict(decryptor.header.encryption_context), app, session_id)
-        while block := decryptor.read(1 << 20):
-            last += block
-            cut = last.rfind(b"\n", 0, len(last) - 1)
-            if cut >= 0:
-                last = last[cut + 1:]
-    return formats.validate(formats.parse_json(last.rstrip(b"\n"), f"{key} trailer"), "log-trailer",
-                            f"{key} trailer")
-
-
 # ---------------------------------------------------------------- S3 steps
 
 
@@ -987,7 +1008,10 @@ def _upload(config: AssemblerConfig, plan: Plan, reader: ChunkReader, log_key: s
     part_size = part_size_for(plan.plaintext_size + plan.plaintext_size // 1000 + (1 << 20))
     pieces = render_spooled(plan, spool) if spool is not None and spool.usable else render_log(plan, reader)
     source = _PieceReader(pieces)
-    with MultipartUpload(config.bucket, log_key, metadata=log_metadata(plan), content_type=LOG_CONTENT_TYPE,
+    metadata = log_metadata(plan)
+    if metadata["gaps-missing"] == GAPS_IN_SIDECAR:
+        _write_gaps_sidecar(config, plan)
+    with MultipartUpload(config.bucket, log_key, metadata=metadata, content_type=LOG_CONTENT_TYPE,
                          part_size=part_size) as upload:
         with encrypting_reader(source, config.kms_key_id, plan.app, plan.session_id) as encryptor:
             while data := encryptor.read(crypto.FRAME_LENGTH):  # one frame at a time: small temporaries

@@ -75,6 +75,13 @@ def log_key(app: str, session_id: str) -> str:
     return f"{LOGS_PREFIX}{validate_app(app)}/{validate_session_id(session_id)}.jsonl.enc"
 
 
+def log_gaps_key(app: str, session_id: str, plaintext_sha256: str) -> str:
+    """Key of the gap list of a log whose gaps do not fit in object metadata (tied to its plaintext)."""
+    if re.fullmatch(r"[0-9a-f]{64}", plaintext_sha256) is None:
+        raise InvalidIdError("plaintext sha256", plaintext_sha256, "must be 64 lowercase hex digits")
+    return f"{LOGS_PREFIX}{validate_app(app)}/{validate_session_id(session_id)}.gaps/{plaintext_sha256}.json"
+
+
 def compact_time(ts: datetime) -> str:
     """``20261125T144600.123456Z``: a UTC time that sorts lexically and is safe in a key."""
     return ts.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
