@@ -235,6 +235,17 @@ class Injector:
         self.rules: list[Rule] = []
         self.lock = threading.Lock()
         self.throttled = False  # a fault was injected: the clients' retry state is no longer fresh
+        self.atomic_conditional: threading.Lock | None = None
+
+    def serialize_conditional_writes(self) -> None:
+        """Send S3 writes carrying If-None-Match one at a time, as S3 decides them atomically.
+
+        moto checks the condition and then writes without a lock (``moto.s3.responses``: the
+        CompleteMultipartUpload and PutObject paths), so two concurrent conditional writes to one key
+        can both succeed there, which S3 never allows (one gets 412 or 409). Rows about concurrent
+        writers use this to test the code, not the emulator's race.
+        """
+        self.atomic_conditional = threading.Lock()
 
     def __enter__(self) -> Injector:
         from botocore.endpoint import Endpoint
@@ -258,6 +269,9 @@ class Injector:
                     response = active._hook(request, event_name=f"before-send.{op[0]}.{op[1]}")
                     if response is not None:
                         return response
+                    if active.atomic_conditional and op[0] == "s3" and "If-None-Match" in request.headers:
+                        with active.atomic_conditional:  # S3 decides conditional writes atomically
+                            return send(endpoint, request)
                 return send(endpoint, request)
 
             Endpoint._do_get_response = _do_get_response  # type: ignore[method-assign]

@@ -361,7 +361,8 @@ def inf_sqs_duplicate(h: Harness) -> None:
 @row("INF-15", "infrastructure", "the same closed.json event handled by two assemblers at the same time (both "
      "pass the 'already filed?' check together, then race to complete the upload)",
      "one wins the If-None-Match completion, the other finds the log and finishes: one log version, one manifest, "
-     "one index entry, staging cleaned, both report success")
+     "one index entry, staging cleaned, both report success (conditional writes are serialized as S3 does; moto's "
+     "own check-then-write is not atomic)")
 def inf_sqs_concurrent(h: Harness) -> None:
     from oneoff_audit.assemble import process_message
 
@@ -370,6 +371,7 @@ def inf_sqs_concurrent(h: Harness) -> None:
     body = json.loads(message["Body"])
     barrier = threading.Barrier(2, timeout=30)
     h.inj.add("s3", "HeadObject", lambda request: (barrier.wait(), None)[1], times=2, key="/logs/")
+    h.inj.serialize_conditional_writes()
     config = h.assembler_config()
     results: list[Any] = [None, None]
 

@@ -42,7 +42,7 @@ def arrivals(draw: st.DrawFn) -> dict[str, object]:
     return {"n": n, "lost": lost, "late": late, "order": [*order, *duplicates], "close_deliveries": close_deliveries}
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(arrival=arrivals())
 def test_pipeline_output_is_byte_exact_or_explicitly_incomplete(harness: Harness, arrival: dict) -> None:
