@@ -85,9 +85,8 @@ def test_stderr_apart_from_stdout_and_stdin_forwarded_with_eof(stack):
 
 
 def test_exit_codes_and_deaths_by_signal(stack):
+    # Exit codes 0 and 1 are checked by the tests above; these run concurrently to save time.
     cases = {
-        "zero": ("import sys; sys.exit(0)", 0, {"code": 0, "signal": None}, "succeeded"),
-        "one": ("import sys; sys.exit(1)", 1, {"code": 1, "signal": None}, "failed"),
         "forty-two": ("import sys; sys.exit(42)", 42, {"code": 42, "signal": None}, "failed"),
         "sigkill": ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 137, {"code": None, "signal": 9},
                     "killed"),
@@ -179,7 +178,8 @@ def test_100_mb_of_output_hashes_equal_after_capture_and_assembly(stack, tmp_pat
         expected.update(block)
         size += len(block)
     assert size >= total
-    proc = subprocess.run(record_cmd("app-big", sid, "--tty", "never", "--", PY, "-c", program),
+    # 8 MiB chunks (the largest allowed) keep the test fast: 13 objects instead of 97 through moto.
+    proc = subprocess.run(record_cmd("app-big", sid, "--tty", "never", "--chunk-bytes", "8M", "--", PY, "-c", program),
                           env=stack.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -192,8 +192,8 @@ def test_100_mb_of_output_hashes_equal_after_capture_and_assembly(stack, tmp_pat
             got.update(event[2].encode())
     assert got.hexdigest() == expected.hexdigest()
     assert staged.closed["bytes"]["o"] == size
-    for header, events, _raw in staged.chunks[:-1]:  # sealed at >= 1 MiB, overshooting by less than one read
-        assert (1 << 20) <= sum(len(e[2].encode()) for e in events) < (1 << 20) + 65536, header["seq"]
+    for header, events, _raw in staged.chunks[:-1]:  # sealed at >= 8 MiB, overshooting by less than one read
+        assert (8 << 20) <= sum(len(e[2].encode()) for e in events) < (8 << 20) + 65536, header["seq"]
 
     assemble = pytest.importorskip("oneoff_audit.assemble")
     if not hasattr(assemble, "assemble_session"):

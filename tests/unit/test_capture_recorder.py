@@ -246,3 +246,18 @@ def test_chunk_object_is_gzip_of_json_lines():
     (raw,) = store.objects.values()
     lines = gzip.decompress(raw).split(b"\n")
     assert lines[1] == b'[0.0,"o","x"]' and lines[2] == b'[0.0,"o",{"b64":"/w=="}]' and lines[3] == b'[0.0,"o","y"]'
+
+
+def test_a_kept_marker_survives_when_memory_and_spool_are_full():
+    def feed(recorder, clock, store):
+        recorder.record("o", b"lost output ")
+        recorder.marker({"kind": "session-terminated", "reason": "recording failed"}, keep=True)
+        recorder.record("o", b"lost again")
+        recorder.seal()
+
+    store, totals, _recorder = run_writer(feed, store=MemoryStore(refuse=b"lost"))
+    events = [e for _h, evs, _r in store.chunks() for e in evs]
+    assert [e[1:] for e in events] == [["o", "lost output "], ["m", {"kind": "session-terminated",
+                                                                      "reason": "recording failed"}],
+                                       ["m", events[2][2]]]
+    assert events[2][2]["kind"] == "capture-gap" and events[2][2]["bytes"] == 10 == totals.lost_bytes

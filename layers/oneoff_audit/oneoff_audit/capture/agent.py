@@ -69,7 +69,7 @@ class RecordOptions:
     spool_max_bytes: int = 1 << 30
     chunk_bytes: int = 1 << 20
     chunk_seconds: float = 5.0
-    queue_bytes: int = 16 << 20
+    queue_bytes: int = 4 << 20
     upload_workers: int = 2
     record_hidden_input: bool = False
     on_capture_failure: str = "continue"  # continue | terminate

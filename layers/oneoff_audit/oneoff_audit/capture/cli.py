@@ -75,8 +75,9 @@ def register(subparsers: Any) -> None:
     rec.add_argument("--chunk-bytes", type=_size, default=1 << 20, help="close a chunk at this much data (1M)")
     rec.add_argument("--chunk-seconds", type=_positive_float, default=5.0,
                      help="close a chunk when its first event is this old (5)")
-    rec.add_argument("--queue-bytes", type=_size, default=16 << 20,
-                     help="memory for encoded chunks waiting for S3; beyond it chunks are spooled (16M)")
+    rec.add_argument("--queue-bytes", type=_size,
+                     help="memory for encoded chunks waiting for S3; beyond it chunks are spooled "
+                          "(default 4M, at least 2 x --chunk-bytes)")
     rec.add_argument("--upload-workers", type=int, default=2, help="parallel uploads (2)")
     rec.add_argument("--record-hidden-input", action="store_true",
                      help="also record input typed while the terminal does not echo (password prompts)")
@@ -152,7 +153,7 @@ def run_record(args: argparse.Namespace) -> int:
         spool_max_bytes=args.spool_max_bytes,
         chunk_bytes=args.chunk_bytes,
         chunk_seconds=args.chunk_seconds,
-        queue_bytes=args.queue_bytes,
+        queue_bytes=args.queue_bytes if args.queue_bytes is not None else max(4 << 20, 2 * args.chunk_bytes),
         upload_workers=args.upload_workers,
         record_hidden_input=args.record_hidden_input,
         on_capture_failure=args.on_capture_failure,

@@ -36,8 +36,9 @@ WITHHELD = "input-withheld"
 CAPTURE_GAP = "capture-gap"
 # Level 1 rather than formats.encode_chunk's 6: on log-like output it compresses ~2.5x faster for
 # ~20% more bytes, and the agent's CPU is taken from the user's command on the same runner. When the
-# writer falls behind (another sealed chunk already waits), chunks are stored uncompressed (gzip
-# level 0, still valid gzip) until it catches up: the relay is never slowed down by compression.
+# output comes faster than the writer could compress it (a chunk filled in less than twice the time
+# compressing it would take, or another chunk already waiting), the chunk is stored uncompressed
+# (gzip level 0, still valid gzip): bulk output never waits for compression.
 GZIP_LEVEL = 1
 GZIP_LEVEL_BEHIND = 0
 dumps_line = formats.dumps_line
@@ -80,7 +81,8 @@ class SealedChunk:
     lines: list[bytes | tuple[float, str, Any]]  # serialized events, or (t, stream, data) still to serialize
     data_bytes: dict[str, int]  # exact bytes per stream carried by these events
     first_t: float
-    final: bool = False  # the session's last chunk: kept in memory even over budget (it is bounded)
+    keep: bool = False  # kept in memory even over budget: the last chunk, or one with a vital marker
+    fill_seconds: float = 0.0  # from its first event to its sealing: how fast the output comes
 
     @property
     def total_bytes(self) -> int:
@@ -165,10 +167,16 @@ class Recorder:
         now = self._clock()
         self._event([self._t(now), "r", f"{cols}x{rows}"], now)
 
-    def marker(self, data: dict[str, Any]) -> None:
-        """Record a marker (``m`` event); ``data`` has a ``kind``."""
+    def marker(self, data: dict[str, Any], *, keep: bool = False) -> None:
+        """Record a marker (``m`` event); ``data`` has a ``kind``.
+
+        ``keep`` seals the chunk at once and keeps it even when memory and spool are full, so the
+        marker (e.g. why the session was terminated) reaches the log whatever happens to other bytes.
+        """
         now = self._clock()
         self._event([self._t(now), "m", data], now)
+        if keep:
+            self.seal(keep=True)
 
     def withheld(self, count: int) -> None:
         """Note ``count`` typed bytes that were not recorded (echo off); consecutive ones share one marker."""
@@ -193,13 +201,14 @@ class Recorder:
         if opened is not None and (self._clock() if now is None else now) >= opened + self.chunk_seconds:
             self.seal()
 
-    def seal(self, final: bool = False) -> None:
+    def seal(self, keep: bool = False) -> None:
         """Hand the open chunk to the sink (nothing happens when it is empty)."""
         self._flush_withheld()
         if not self._lines:
             self._opened_at = None
             return
-        chunk = SealedChunk(self._lines, self._bytes, self._first_t, final)
+        opened = self._opened_at if self._opened_at is not None else self._clock()
+        chunk = SealedChunk(self._lines, self._bytes, self._first_t, keep, self._clock() - opened)
         self._lines, self._bytes, self._size, self._opened_at = [], _zero(), 0, None
         self._sink(chunk)
 
@@ -215,7 +224,7 @@ class Recorder:
                 for value in values[1:]:
                     self._lines.append((t, stream, value))
                 self._bytes[stream] += held
-        self.seal(final=True)
+        self.seal(keep=True)  # the last chunk: bounded, and it carries the end of the session
 
 
 class ChunkStore(Protocol):
@@ -278,6 +287,7 @@ class ChunkWriter:
         self.failure_reason = "S3 unavailable and the spool full or not writable"
         self.error: BaseException | None = None
         self.uncompressed_chunks = 0
+        self._compress_rate: float | None = None  # seconds per byte of the last level-1 chunk
 
     @property
     def seq(self) -> int:
@@ -309,10 +319,20 @@ class ChunkWriter:
             if chunk is None:
                 return
             try:
-                self._write(chunk, force=chunk.final)
+                self._write(chunk, force=chunk.keep)
             except Exception as err:  # a bug must not block the relay: count the chunk as lost, say why
                 self.error = err
                 self._lose(chunk, f"chunk could not be encoded: {err!r}")
+
+    def _level(self, chunk: SealedChunk) -> int:
+        """Compress unless that would make the writer fall behind the output (bulk output is stored)."""
+        if self._queue.qsize() > 0:
+            return GZIP_LEVEL_BEHIND  # another chunk is already waiting
+        if self._compress_rate is not None:
+            cost = self._compress_rate * chunk.total_bytes
+            if chunk.fill_seconds < 2 * cost:  # output arrives nearly as fast as we could compress it
+                return GZIP_LEVEL_BEHIND
+        return GZIP_LEVEL
 
     def _write(self, chunk: SealedChunk, force: bool = False) -> None:
         lines = [line if type(line) is bytes else event_line(*line) for line in chunk.lines]
@@ -329,9 +349,13 @@ class ChunkWriter:
             "first_event_index": self.totals.event_count,
             "prev_chunk_sha256": self._prev,
         }
-        level = GZIP_LEVEL_BEHIND if self._queue.qsize() > 0 else GZIP_LEVEL
+        level = self._level(chunk)
+        started = time.perf_counter()
         data = encode_chunk_lines(header, lines, level)
-        if level != GZIP_LEVEL:
+        if level == GZIP_LEVEL:
+            size = max(1, sum(len(line) for line in lines))
+            self._compress_rate = (time.perf_counter() - started) / size
+        else:
             self.uncompressed_chunks += 1
         key = keys.chunk_key(self.app, self.session_id, seq, self.staging_prefix)
         if self._store.submit(f"chunks/{seq:08d}.gz", key, data, force_memory=force):

@@ -553,7 +553,7 @@ class Relay:
             reason = self._terminate_request
         if reason is not None and self.terminated_reason is None:
             self.terminated_reason = reason
-            self.recorder.marker({"kind": "session-terminated", "reason": reason})
+            self.recorder.marker({"kind": "session-terminated", "reason": reason}, keep=True)
             # No more input reaches a session that can no longer be recorded.
             self.in_open = False
             self.in_buf.clear()
