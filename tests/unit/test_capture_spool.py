@@ -152,15 +152,30 @@ def test_close_marker_waits_while_a_chunk_cannot_be_uploaded(tmp_path):
     assert not directory.exists()
 
 
-def test_corrupt_spooled_chunk_stops_the_session_before_its_close_marker(tmp_path):
+def test_damaged_spooled_chunk_is_reported_and_does_not_strand_the_rest(tmp_path):
     spool = Spool(tmp_path / "spool")
-    directory, _chunks = spooled_session(spool, 2)
-    (directory / "chunks" / "00000001.gz").write_bytes(chunk(1, sid="OTHER"))  # another session's chunk
+    directory, chunks = spooled_session(spool, 3)
+    damaged = bytearray(chunks[1])
+    damaged[len(damaged) // 2] ^= 0x40
+    (directory / "chunks" / "00000001.gz").write_bytes(bytes(damaged))
+    s3 = FakeS3()
+    result = flush_session(directory, uploader_to(s3), spool)
+    base = "staging/app1/S1/"
+    assert s3.order == [base + "opened.json", *(f"{base}chunks/{i:08d}.gz" for i in range(3)), base + "closed.json"]
+    assert s3.objects[base + "chunks/00000001.gz"] == bytes(damaged)  # as it is: the assembler sees the damage
+    assert len(result.errors) == 1 and "app1/S1/chunks/00000001.gz: damaged in the spool" in result.errors[0]
+    assert not result.ok and not directory.exists()
+
+
+def test_damaged_close_marker_stays_in_the_spool(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    directory, _chunks = spooled_session(spool, 1)
+    (directory / "closed.json").write_bytes(b'{"format":"oneoff-audit.close"}\n')
     s3 = FakeS3()
     result = flush_session(directory, uploader_to(s3), spool)
     assert s3.order == ["staging/app1/S1/opened.json", "staging/app1/S1/chunks/00000000.gz"]
-    assert "belongs to app1/OTHER" in result.errors[0]
-    assert not result.ok and (directory / "closed.json").exists()
+    assert "closed.json: damaged in the spool" in result.errors[0]
+    assert (directory / "closed.json").exists() and result.sessions_left == ["app1/S1"]
 
 
 def test_session_being_recorded_is_skipped(tmp_path):

@@ -15,7 +15,9 @@ or the disk refuses it, :class:`SpoolError` is raised and the caller counts the 
 Flushing (``flush-spool``, and every ``record`` in the background when it starts) uploads each
 unlocked session in order: ``opened.json``, the chunks by sequence number, and ``closed.json`` last,
 only when no chunk of the session is left in the spool. Each file is validated before upload and
-deleted only after S3 accepted it.
+deleted only after S3 accepted it. A chunk damaged on disk is reported and uploaded as it is (the
+close marker's digest marks it corrupt and the assembler keeps its bytes); a damaged header or
+close marker is reported and stays.
 """
 
 from __future__ import annotations
@@ -352,8 +354,11 @@ def flush_session(
             try:
                 _check_object(name, raw, meta)
             except OneoffAuditError as err:
-                result.errors.append(f"{label}/{name}: {err}")
-                break  # keep order: nothing after a bad file is uploaded
+                result.errors.append(f"{label}/{name}: damaged in the spool: {err}")
+                if not name.startswith(CHUNKS_DIR):
+                    break  # a damaged header or close marker stays here; nothing after it is uploaded
+                # A damaged chunk is uploaded as it is: the close marker's digest shows it corrupt, the
+                # assembler keeps its bytes, and the intact chunks after it are not stranded here.
             key = _key_for(name, meta)
             if not upload(meta["bucket"], key, raw):
                 break
