@@ -180,7 +180,8 @@ def test_digest_config_from_env():
     assert cfg == DigestConfig(bucket="b", signing_key_id=KEY_ARN, settle_seconds=120, max_hours_per_run=720)
     assert DigestConfig.from_env({"AUDIT_BUCKET": "b", "AUDIT_SIGNING_KEY_ID": "k", "DIGEST_SETTLE_SECONDS": "0",
                                   "DIGEST_MAX_HOURS": "24"}).max_hours_per_run == 24
-    assert DigestConfig.ENV == ("AUDIT_BUCKET", "AUDIT_SIGNING_KEY_ID", "DIGEST_SETTLE_SECONDS", "DIGEST_MAX_HOURS")
+    assert DigestConfig.ENV == ("AUDIT_BUCKET", "AUDIT_SIGNING_KEY_ID", "DIGEST_SETTLE_SECONDS", "DIGEST_MAX_HOURS",
+                                "LOG_LOCK_MODE", "LOG_RETENTION_DAYS")
     with pytest.raises(ConfigError, match="AUDIT_SIGNING_KEY_ID is required"):
         DigestConfig.from_env({"AUDIT_BUCKET": "b"})
     with pytest.raises(ConfigError, match="DIGEST_SETTLE_SECONDS must be between 0 and 3000"):

@@ -317,6 +317,7 @@ def test_function_permissions_are_the_documented_ones() -> None:
         "s3:DeleteObject": {f"{b}/staging/*"},
         "s3:PutObject": {f"{b}/logs/*", f"{b}/index/*", f"{b}/manifests/*"},
         "s3:AbortMultipartUpload": {f"{b}/logs/*", f"{b}/index/*", f"{b}/manifests/*"},
+        "s3:PutObjectRetention": {f"{b}/logs/*", f"{b}/index/*", f"{b}/manifests/*"},
         "s3:GetObjectVersion": {f"{b}/logs/*"},
     }
     assert _s3_grants("SweeperFunction") == {"s3:ListBucket": {b}, "sqs:SendMessage*": {"<SQSSendMessagePolicy>"}}
@@ -325,6 +326,7 @@ def test_function_permissions_are_the_documented_ones() -> None:
     assert _s3_grants("DigestFunction") == {
         "s3:ListBucket": {b}, "s3:ListBucketVersions": {b},
         "s3:GetObject": {f"{b}/manifests/*", f"{b}/digests/*"}, "s3:PutObject": {f"{b}/digests/*"},
+        "s3:PutObjectRetention": {f"{b}/digests/*"},
     }
     api = _s3_grants("ApiFunction")
     assert api["s3:PutObject"] == {f"{b}/access/*"}
@@ -457,14 +459,19 @@ def test_bucket_blocks_public_access_and_encrypts_with_the_storage_key() -> None
     ("1-year", "GOVERNANCE", 366), ("hipaa-6-years", "COMPLIANCE", 6 * 365 + 2),
     ("soc2-7-years", "COMPLIANCE", 7 * 365 + 2), ("custom", "GOVERNANCE", 30),
 ])
-def test_object_lock_default_retention_and_versioning(preset: str, mode: str, days: int) -> None:
+def test_object_lock_retention_on_filed_objects_and_versioning(preset: str, mode: str, days: int) -> None:
+    """Object Lock is on; retention is put on each filed object by the functions that file them,
+    not as a bucket default (which would also lock every staging chunk for years)."""
     resolver = Resolver({"RetentionPreset": preset, "ObjectLockMode": mode, "RetentionDays": 30})
     bucket = resource("AuditBucket", resolver)
     assert bucket["ObjectLockEnabled"] is True
     assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
-    assert bucket["ObjectLockConfiguration"] == {
-        "ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": mode, "Days": days}},
-    }
+    assert bucket["ObjectLockConfiguration"] == {"ObjectLockEnabled": "Enabled"}
+    for function in ("AssemblerFunction", "DigestFunction"):
+        variables = resource(function, resolver)["Environment"]["Variables"]
+        assert (variables["LOG_LOCK_MODE"], variables["LOG_RETENTION_DAYS"]) == (mode, days)
+        retention = config_module.Retention.from_env({k: str(v) for k, v in variables.items()})
+        assert retention == config_module.Retention(mode, days)
     assert set(PARAMS["RetentionPreset"]["AllowedValues"]) == set(TEMPLATE["Mappings"]["RetentionPresets"])
     assert PARAMS["ObjectLockMode"]["AllowedValues"] == ["GOVERNANCE", "COMPLIANCE"]
 

@@ -859,7 +859,7 @@ def _write_gaps_sidecar(config: AssemblerConfig, plan: Plan) -> None:
                                "gaps": plan.trailer["gaps"]})
     try:
         client("s3").put_object(Bucket=config.bucket, Key=key, Body=body, IfNoneMatch="*",
-                                ContentType="application/json")
+                                ContentType="application/json", **config.retention.put_args())
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
             raise
@@ -1012,7 +1012,7 @@ def _upload(config: AssemblerConfig, plan: Plan, reader: ChunkReader, log_key: s
     if metadata["gaps-missing"] == GAPS_IN_SIDECAR:
         _write_gaps_sidecar(config, plan)
     with MultipartUpload(config.bucket, log_key, metadata=metadata, content_type=LOG_CONTENT_TYPE,
-                         part_size=part_size) as upload:
+                         part_size=part_size, lock=config.retention.put_args()) as upload:
         with encrypting_reader(source, config.kms_key_id, plan.app, plan.session_id) as encryptor:
             while data := encryptor.read(crypto.FRAME_LENGTH):  # one frame at a time: small temporaries
                 upload.write(data)
@@ -1061,7 +1061,7 @@ def _write_index(config: AssemblerConfig, summary: LogSummary, opened: dict[str,
     body = formats.dumps_line(index_entry(opened, summary))
     try:
         client("s3").put_object(Bucket=config.bucket, Key=key, Body=body, ContentType="application/json",
-                                IfNoneMatch="*")
+                                IfNoneMatch="*", **config.retention.put_args())
     except ClientError as err:
         if error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
             return False
@@ -1114,7 +1114,7 @@ def _write_manifest(config: AssemblerConfig, filed: FiledLog) -> None:
         return
     from oneoff_audit.evidence.manifest import write_signed_manifest
 
-    write_signed_manifest(filed, config.bucket, config.signing_key_id)
+    write_signed_manifest(filed, config.bucket, config.signing_key_id, lock=config.retention.put_args())
 
 
 def _finish(config: AssemblerConfig, summary: LogSummary, opened: dict[str, Any] | None) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from oneoff_audit.errors import InvalidIdError, OneoffAuditError
 from oneoff_audit.keys import DEFAULT_STAGING_PREFIX, validate_prefix
@@ -48,6 +50,36 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
     return value
 
 
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+
+
+@dataclass(frozen=True)
+class Retention:
+    """S3 Object Lock retention put on every filed object (logs, gap lists, manifests, index, digests).
+
+    Explicit per object rather than a bucket default, so that staging chunks (deleted once filed)
+    are never locked. ``days == 0`` or no mode: no retention is set (local stack, tests).
+    """
+
+    mode: str | None = None
+    days: int = 0
+    ENV = ("LOG_LOCK_MODE", "LOG_RETENTION_DAYS")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Retention:
+        mode = env.get("LOG_LOCK_MODE") or None
+        if mode is not None and mode not in LOCK_MODES:
+            raise ConfigError(f"LOG_LOCK_MODE must be one of {', '.join(LOCK_MODES)}, got {mode!r}")
+        return cls(mode=mode, days=_int(env, "LOG_RETENTION_DAYS", 0, minimum=0, maximum=36_500))
+
+    def put_args(self, now: datetime | None = None) -> dict[str, Any]:
+        """The PutObject / CreateMultipartUpload arguments that lock a new object version."""
+        if self.mode is None or self.days == 0:
+            return {}
+        start = datetime.now(UTC) if now is None else now
+        return {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": start + timedelta(days=self.days)}
+
+
 @dataclass(frozen=True)
 class AssemblerConfig:
     """Settings of the assembler (files closed sessions)."""
@@ -57,7 +89,9 @@ class AssemblerConfig:
     staging_prefix: str = DEFAULT_STAGING_PREFIX
     signing_key_id: str | None = None
     max_attempts: int = 5
-    ENV = ("AUDIT_BUCKET", "AUDIT_KMS_KEY_ID", "AUDIT_STAGING_PREFIX", "AUDIT_SIGNING_KEY_ID", "ASSEMBLE_MAX_ATTEMPTS")
+    retention: Retention = field(default_factory=Retention)
+    ENV = ("AUDIT_BUCKET", "AUDIT_KMS_KEY_ID", "AUDIT_STAGING_PREFIX", "AUDIT_SIGNING_KEY_ID", "ASSEMBLE_MAX_ATTEMPTS",
+           *Retention.ENV)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AssemblerConfig:
@@ -68,6 +102,7 @@ class AssemblerConfig:
             staging_prefix=_staging_prefix(env),
             signing_key_id=env.get("AUDIT_SIGNING_KEY_ID") or None,
             max_attempts=_int(env, "ASSEMBLE_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+            retention=Retention.from_env(env),
         )
 
 
@@ -126,7 +161,8 @@ class DigestConfig:
     signing_key_id: str
     settle_seconds: int = 120
     max_hours_per_run: int = 720
-    ENV = ("AUDIT_BUCKET", "AUDIT_SIGNING_KEY_ID", "DIGEST_SETTLE_SECONDS", "DIGEST_MAX_HOURS")
+    retention: Retention = field(default_factory=Retention)
+    ENV = ("AUDIT_BUCKET", "AUDIT_SIGNING_KEY_ID", "DIGEST_SETTLE_SECONDS", "DIGEST_MAX_HOURS", *Retention.ENV)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DigestConfig:
@@ -136,6 +172,7 @@ class DigestConfig:
             signing_key_id=_get(env, "AUDIT_SIGNING_KEY_ID"),
             settle_seconds=_int(env, "DIGEST_SETTLE_SECONDS", 120, minimum=0, maximum=3000),
             max_hours_per_run=_int(env, "DIGEST_MAX_HOURS", 720, minimum=1, maximum=100_000),
+            retention=Retention.from_env(env),
         )
 
 

@@ -40,7 +40,7 @@ class MultipartUpload:
     """One multipart upload; use as a context manager so a failure aborts it."""
 
     def __init__(self, bucket: str, key: str, *, metadata: dict[str, str], content_type: str,
-                 part_size: int = MIN_PART_SIZE) -> None:
+                 part_size: int = MIN_PART_SIZE, lock: dict[str, Any] | None = None) -> None:
         self.bucket = bucket
         self.key = key
         self.part_size = part_size
@@ -54,8 +54,9 @@ class MultipartUpload:
         self._error: BaseException | None = None
         self._done = False
         self._sent = 0
+        self._lock = dict(lock or {})
         self.upload_id: str = self._s3.create_multipart_upload(
-            Bucket=bucket, Key=key, Metadata=metadata, ContentType=content_type,
+            Bucket=bucket, Key=key, Metadata=metadata, ContentType=content_type, **(lock or {}),
         )["UploadId"]
         self._thread = threading.Thread(target=self._sender, name=f"upload-{key[-40:]}", daemon=True)
         self._thread.start()
@@ -139,6 +140,14 @@ class MultipartUpload:
                 raise AlreadyExistsError(self.key) from err
             raise
         self._done = True
+        if self._lock and response.get("VersionId"):
+            # S3 applies the retention given at CreateMultipartUpload; stating it again on the new version is a
+            # no-op there (same date) and makes emulators that drop it (moto) hold the log too.
+            self._s3.put_object_retention(
+                Bucket=self.bucket, Key=self.key, VersionId=response["VersionId"],
+                Retention={"Mode": self._lock["ObjectLockMode"],
+                           "RetainUntilDate": self._lock["ObjectLockRetainUntilDate"]},
+            )
         return response
 
     def abort(self) -> None:

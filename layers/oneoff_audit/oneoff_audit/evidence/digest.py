@@ -202,7 +202,8 @@ def _resume(config: DigestConfig, app: str, hour: datetime, key: str) -> DigestR
     ours = build_digest(app, hour, entries, previous, hour, config.signing_key_id)
     if not _same_as_ours(stored.body, ours):
         return None
-    sig = write_signature(config.bucket, key, stored.body, config.signing_key_id)
+    sig = write_signature(config.bucket, key, stored.body, config.signing_key_id,
+                          lock=config.retention.put_args())
     logger.warning("signed %s, which a previous run wrote without its signature", key)
     return DigestRef(key, hour, signing.sha256_hex(stored.body), sig["signature_sha256"])
 
@@ -243,7 +244,7 @@ def write_app_digests(config: DigestConfig, app: str, now: datetime) -> dict[str
         entries = [e for e in (manifest_entry(bucket, app, obj) for obj in grouped.get(hour, [])) if e is not None]
         doc = build_digest(app, hour, entries, previous, now, config.signing_key_id)
         data = signing.canonical_bytes(doc)
-        created, _ = store.put_if_absent(bucket, key, data)
+        created, _ = store.put_if_absent(bucket, key, data, lock=config.retention.put_args())
         if not created:  # someone wrote this hour first: chain on only if it is exactly what we would write
             stored = store.get(bucket, key, max_bytes=MAX_DIGEST_BYTES)
             if stored is None or not _same_as_ours(stored.body, doc):
@@ -252,7 +253,7 @@ def write_app_digests(config: DigestConfig, app: str, now: datetime) -> dict[str
                 return {"app": app, "written": written, "skipped": skipped, "behind": True,
                         "error": f"{key}: already exists and is not ours"}
             data = stored.body
-        sig = write_signature(bucket, key, data, config.signing_key_id)
+        sig = write_signature(bucket, key, data, config.signing_key_id, lock=config.retention.put_args())
         previous = DigestRef(key, hour, signing.sha256_hex(data), sig["signature_sha256"])
         if created:
             written.append(key)

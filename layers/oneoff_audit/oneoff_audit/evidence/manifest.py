@@ -9,6 +9,7 @@ same manifest completes (or keeps) the signature, a different one is an :class:`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from oneoff_audit import formats, keys
@@ -38,7 +39,8 @@ def signature_key(document_key: str) -> str:
     return document_key + signing.SIG_SUFFIX
 
 
-def write_signature(bucket: str, document_key: str, data: bytes, signing_key_id: str) -> dict[str, Any]:
+def write_signature(bucket: str, document_key: str, data: bytes, signing_key_id: str,
+                    lock: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Sign ``data`` and store the signature beside ``document_key`` unless a valid one is there.
 
     Raises IntegrityError if a signature object exists that does not verify over ``data``.
@@ -48,7 +50,8 @@ def write_signature(bucket: str, document_key: str, data: bytes, signing_key_id:
     if existing is None:
         signature, key_arn = signing.sign(data, signing_key_id)
         meta = {signing.META_KEY_ID: key_arn, signing.META_ALGORITHM: signing.SIGNING_ALGORITHM}
-        created, version = store.put_if_absent(bucket, sig_key, signature, "application/octet-stream", meta)
+        created, version = store.put_if_absent(bucket, sig_key, signature, "application/octet-stream", meta,
+                                               lock=lock)
         if created:
             return {"signature_key": sig_key, "signature_version_id": version, "signature_sha256":
                     signing.sha256_hex(signature), "key_arn": key_arn, "signature_created": True}
@@ -62,7 +65,8 @@ def write_signature(bucket: str, document_key: str, data: bytes, signing_key_id:
             "signature_created": False}
 
 
-def write_signed_manifest(filed: FiledLog, bucket: str, signing_key_id: str) -> dict[str, Any]:
+def write_signed_manifest(filed: FiledLog, bucket: str, signing_key_id: str,
+                          lock: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write and sign the manifest of a filed log, exactly once.
 
     Called by the assembler after the log is written and before the index entry. Returns
@@ -73,7 +77,7 @@ def write_signed_manifest(filed: FiledLog, bucket: str, signing_key_id: str) -> 
     doc = build_manifest(filed, signing_key_id)
     data = signing.canonical_bytes(doc)
     key = keys.manifest_key(filed.app, filed.session_id)
-    created, version = store.put_if_absent(bucket, key, data)
+    created, version = store.put_if_absent(bucket, key, data, lock=lock)
     if not created:
         existing = store.get(bucket, key, max_bytes=MAX_MANIFEST_BYTES)
         if existing is None:
@@ -85,7 +89,7 @@ def write_signed_manifest(filed: FiledLog, bucket: str, signing_key_id: str) -> 
         version = existing.version_id
     result = {"key": key, "version_id": version, "sha256": signing.sha256_hex(data), "created": created,
               "manifest": doc}
-    result.update(write_signature(bucket, key, data, signing_key_id))
+    result.update(write_signature(bucket, key, data, signing_key_id, lock=lock))
     return result
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,15 +37,16 @@ class StoredObject:
 
 
 def put_if_absent(bucket: str, key: str, body: bytes, content_type: str = "application/json",
-                  metadata: dict[str, str] | None = None) -> tuple[bool, str | None]:
-    """PUT ``key`` only if no object is there (``If-None-Match: *``).
+                  metadata: dict[str, str] | None = None,
+                  lock: Mapping[str, Any] | None = None) -> tuple[bool, str | None]:
+    """PUT ``key`` only if no object is there (``If-None-Match: *``), with Object Lock ``lock`` arguments.
 
     Returns ``(True, new version id)`` (``None`` on an unversioned bucket), or ``(False, None)`` if an
     object is already there.
     """
     try:
         resp = client("s3").put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
-                                       Metadata=metadata or {}, IfNoneMatch="*")
+                                       Metadata=metadata or {}, IfNoneMatch="*", **(lock or {}))
     except ClientError as err:
         if error_code(err) in ("PreconditionFailed", "412"):
             return False, None
