@@ -98,3 +98,13 @@ class FakeLambdaContext:
 def lambda_context() -> FakeLambdaContext:
     """A fake LambdaContext for invoking handlers."""
     return FakeLambdaContext()
+
+
+@pytest.fixture(autouse=True)
+def reset_powertools_metrics() -> Iterator[None]:
+    """Powertools keeps metrics in shared class state: every test starts (and ends) with none."""
+    from aws_lambda_powertools.metrics import Metrics
+
+    Metrics().clear_metrics()
+    yield
+    Metrics().clear_metrics()
