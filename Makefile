@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml layers/oneoff_audit/requirements.txt
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) player chromium
+setup: $(STAMP) player
 
 # asciinema-player's standalone bundle (IIFE + CSS) for the dashboard page.
 $(PLAYER_STAMP):
@@ -39,13 +39,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/cfn-lint template.yaml
 
-test: lint
+test: lint chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: setup
+integration: setup chromium
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 demo: setup

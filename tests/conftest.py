@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ os.environ.update(
     POWERTOOLS_DEV="false",
 )
 os.environ.pop("AWS_PROFILE", None)
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the moto server's request log is noise in test output
 os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
