@@ -548,8 +548,12 @@ class Filed:
                 out[stream] += decode_data(data)
         return {s: bytes(v) for s, v in out.items()}
 
-    def pieces(self) -> dict[str, Pieces]:
-        """Per stream, in order: runs of bytes, and the byte counts capture-gap markers declare lost."""
+    def pieces(self, gap_bytes: dict[int, dict[str, int]] | None = None) -> dict[str, Pieces]:
+        """Per stream, in order: runs of bytes, and the byte counts the log declares lost.
+
+        Declared are a capture-gap marker's per-stream counts and, for a chunk the log names as a gap
+        whose content the row knows (``gap_bytes``: seq -> bytes per stream), that chunk's bytes.
+        """
         out: dict[str, Pieces] = {s: [] for s in STREAMS}
         for _, stream, data in self.events:
             if stream in out:
@@ -558,8 +562,10 @@ class Filed:
                     out[stream][-1] += chunk
                 else:
                     out[stream].append(chunk)
-            elif stream == "m" and data.get("kind") == "capture-gap":
-                for name, count in (data.get("streams") or {}).items():
+            elif stream == "m" and data.get("kind") in ("capture-gap", "gap"):
+                counts = data.get("streams") if data["kind"] == "capture-gap" else \
+                    (gap_bytes or {}).get(data.get("seq"), {})  # type: ignore[arg-type]
+                for name, count in (counts or {}).items():
                     if name in out and count:
                         out[name].append(int(count))
         return out
@@ -733,10 +739,15 @@ class Harness:
     # ------------------------------------------------------------ byte accounting
 
     def account(self, app: str, session_id: str, source: str, expected: dict[str, bytes],
-                filed: Filed | None, note: str = "") -> SessionAccount:
-        """Record a session's bytes in the ledger and return the account (lost and altered are asserted by callers)."""
+                filed: Filed | None, note: str = "", gap_bytes: dict[int, dict[str, int]] | None = None
+                ) -> SessionAccount:
+        """Record a session's bytes in the ledger and return the account (lost and altered are asserted by callers).
+
+        ``gap_bytes``: for chunks the row damaged itself, their bytes per stream; the log must name
+        them as gaps, and then they count as declared, not lost.
+        """
         account = SessionAccount(self.row, app, session_id, source, expected,
-                                 filed.pieces() if filed is not None else None, note)
+                                 filed.pieces(gap_bytes) if filed is not None else None, note)
         return LEDGER.add(account)
 
     def account_staged(self, chunks: Any, intact: Any, filed: Filed | None, note: str = "") -> SessionAccount:

@@ -796,8 +796,9 @@ def run_agent_sigkilled(h: Harness) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if done.exists():
-                wrote = (h.last_work / "wrote.o").read_bytes()
-                if staged_stream_bytes(h, APP, sid)["o"] == wrote:
+                wrote = {name: (h.last_work / f"wrote.{name}").read_bytes() for name in ("o", "e")}
+                staged_now = staged_stream_bytes(h, APP, sid)
+                if all(staged_now[name] == wrote[name] for name in ("o", "e")):
                     break
             time.sleep(0.1)
         else:
@@ -1579,6 +1580,8 @@ def run_spool_tampered(h: Harness) -> None:
     assert len(spooled) >= 3 and (session_dir / "closed.json").exists(), spooled
     assert h.keys_under(keys.session_prefix(APP, rec.session_id)) == [keys.opened_key(APP, rec.session_id)]
     target = session_dir / "chunks" / "00000001.gz"
+    _, original = formats.read_chunk(target.read_bytes(), "spooled chunk 1")
+    damaged = {s: sum(len(decode_data(d)) for _, stream, d in original if stream == s) for s in ("i", "o", "e")}
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x40
     target.write_bytes(bytes(data))
@@ -1593,7 +1596,8 @@ def run_spool_tampered(h: Harness) -> None:
     gaps = filed.trailer["gaps"]
     named = set(gaps["missing"]) | {g["seq"] for g in gaps["corrupt"]}
     expected = {"i": b"", "o": rec.wrote["o"], "e": rec.wrote["e"]}
-    h.account(APP, rec.session_id, "process", expected, filed, "chunk 1 damaged in the spool")
+    h.assert_no_loss(h.account(APP, rec.session_id, "process", expected, filed, "chunk 1 damaged in the spool",
+                               gap_bytes={1: damaged}))
     stored_seqs = len(spooled)
     left = sorted(str(p.relative_to(session_dir)) for p in session_dir.rglob("*") if p.is_file())
     assert filed.trailer["expected_chunk_count"] == stored_seqs and filed.trailer["chunk_count"] >= stored_seqs - 1, (
