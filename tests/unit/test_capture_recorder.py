@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import itertools
 
 import pytest
@@ -11,8 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oneoff_audit import formats
-from oneoff_audit.capture.recorder import ChunkWriter, Recorder, encode_chunk_lines, event_line
-from oneoff_audit.codec import decode_data
+from oneoff_audit.capture.recorder import (
+    ChunkWriter,
+    RawSplitter,
+    Recorder,
+    encode_chunk_lines,
+    event_line,
+    serialize_lines,
+)
+from oneoff_audit.codec import Utf8Splitter, decode_data
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +41,9 @@ class MemoryStore:
         self.refuse = refuse
         self.forced: list[str] = []
 
-    def submit(self, name: str, key: str, data: bytes, *, force_memory: bool = False) -> bool:
+    def submit(self, name: str, key: str, data: bytes, *, force_memory: bool = False,
+               sha256: bytes | None = None) -> bool:
+        assert sha256 == hashlib.sha256(data).digest()
         if self.refuse is not None and self.refuse in gzip.decompress(data) and not force_memory:
             return False
         if force_memory:
@@ -84,6 +94,36 @@ text_no_surrogates = st.text(alphabet=st.characters(blacklist_categories=("Cs",)
        value=st.one_of(text_no_surrogates, st.binary().map(lambda b: {"b64": base64.b64encode(b).decode()})))
 def test_event_line_is_byte_identical_to_dumps_line(t, stream, value):
     assert event_line(t, stream, value) == formats.dumps_line([t, stream, value])
+
+
+# Every byte json escapes (C0 controls, quote, backslash), DEL, and 2-, 3- and 4-byte characters.
+special_text = st.text(alphabet=st.sampled_from(
+    [chr(c) for c in range(0x20)] + list('"\\\x7fa \u00e9\u2028\u20ac\U0001f600')))
+
+
+@given(t=st.floats(min_value=0, max_value=1e7, allow_nan=False).map(lambda x: round(x, 6)),
+       stream=st.sampled_from("ioe"), text=st.one_of(special_text, text_no_surrogates))
+def test_event_line_of_utf8_bytes_is_byte_identical_to_dumps_line_of_the_text(t, stream, text):
+    assert event_line(t, stream, text.encode()) == formats.dumps_line([t, stream, text])
+
+
+@given(texts=st.lists(st.one_of(special_text, text_no_surrogates), max_size=6))
+def test_serialize_lines_escapes_each_event_with_the_chunks_escapes(texts):
+    # The escapes are found once on the whole chunk; an event without some of them is unchanged by them.
+    events = [(0.25 * n, "o", text.encode()) for n, text in enumerate(texts)]
+    assert serialize_lines([b"[0.0,\"r\",\"80x24\"]\n", *events]) == [
+        b"[0.0,\"r\",\"80x24\"]\n", *(formats.dumps_line([0.25 * n, "o", text]) for n, text in enumerate(texts))]
+
+
+@given(data=st.one_of(st.binary(max_size=60), special_text.map(str.encode)), cuts=st.lists(st.integers(0, 60)))
+def test_raw_splitter_gives_the_codec_splitters_data_values(data, cuts):
+    codec, raw = Utf8Splitter(), RawSplitter()
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    for start, end in itertools.pairwise(bounds):
+        expected, got = codec.feed(data[start:end]), raw.feed(data[start:end])
+        assert [event_line(1.0, "o", v) for v in got] == [event_line(1.0, "o", v) for v in expected]
+        assert raw.held == codec.held
+    assert raw.flush() == codec.flush()
 
 
 def test_encode_chunk_lines_has_the_layout_of_encode_chunk():

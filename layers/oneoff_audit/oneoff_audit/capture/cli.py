@@ -113,6 +113,7 @@ def run_record(args: argparse.Namespace) -> int:
     """The ``record`` subcommand."""
     from oneoff_audit.aws import client_no_retry
     from oneoff_audit.capture.agent import RecordOptions, record
+    from oneoff_audit.capture.relay import tune_interpreter
     from oneoff_audit.config import CaptureConfig
     from oneoff_audit.ids import validate_app
 
@@ -162,7 +163,9 @@ def run_record(args: argparse.Namespace) -> int:
         flush_spool_on_start=args.flush_spool_on_start,
         log_file=args.log_file,
     )
-    return record(opts, client_no_retry("s3"))
+    s3 = client_no_retry("s3")
+    tune_interpreter()
+    return record(opts, s3)
 
 
 def run_flush(args: argparse.Namespace) -> int:

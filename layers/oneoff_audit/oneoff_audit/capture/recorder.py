@@ -18,6 +18,7 @@ marker at the head of the next chunk that can be stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -28,19 +29,21 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from oneoff_audit import formats, keys
-from oneoff_audit.codec import Utf8Splitter
+from oneoff_audit.codec import _incomplete_tail, encode_bytes
 
 CHUNK_FORMAT = "oneoff-audit.chunk"
 STREAM_NAMES = ("i", "o", "e")
 WITHHELD = "input-withheld"
 CAPTURE_GAP = "capture-gap"
 # Level 1 rather than formats.encode_chunk's 6: on log-like output it compresses ~2.5x faster for
-# ~20% more bytes, and the agent's CPU is taken from the user's command on the same runner. When the
-# output comes faster than the writer could compress it (a chunk filled in less than twice the time
-# compressing it would take, or another chunk already waiting), the chunk is stored uncompressed
-# (gzip level 0, still valid gzip): bulk output never waits for compression.
+# ~20% more bytes, and the agent's CPU is taken from the user's command on the same runner. A chunk
+# is compressed only while compressing costs at most 1/COMPRESS_CPU_SHARE of the time the output
+# took to fill it (about 1/8 of a core; level 1 runs at ~100 MiB/s, so below ~12 MiB/s of output)
+# and no other chunk is waiting; bulk output is stored uncompressed (gzip level 0, still valid gzip):
+# it never waits for compression and does not pay ~10 ms of CPU per MiB for it.
 GZIP_LEVEL = 1
 GZIP_LEVEL_BEHIND = 0
+COMPRESS_CPU_SHARE = 8
 dumps_line = formats.dumps_line
 
 
@@ -49,16 +52,88 @@ def _zero() -> dict[str, int]:
 
 
 _quote = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses for strings
+# What json.dumps(ensure_ascii=False) escapes in a string: the C0 controls, '"' and '\\' (and nothing
+# else: DEL and non-ASCII characters stay as they are). The escapes are json's own.
+_JSON_ESCAPES = [(b"\\", b"\\\\")] + [  # backslash first: the escapes added after it must stay single
+    (bytes([c]), _quote(chr(c))[1:-1].encode()) for c in (*range(0x20), 0x22)]
+Escapes = list[tuple[bytes, bytes]]
 
 
-def event_line(t: float, stream: str, value: Any) -> bytes:
+def json_escapes_in(data: bytes) -> Escapes:
+    """The escapes json.dumps(ensure_ascii=False) needs for ``data`` (C0 controls, '"', '\\'), in order."""
+    return [pair for pair in _JSON_ESCAPES if pair[0] in data]  # memchr passes: cheap even on a whole chunk
+
+
+def escape_utf8(data: bytes, escapes: Escapes | None = None) -> bytes:
+    """The inside of the JSON string for valid UTF-8 ``data``, as json.dumps(ensure_ascii=False) writes it.
+
+    Works on the bytes (``replace`` per special byte value present: C passes) instead of decoding,
+    escaping and re-encoding a str, which costs several times more. ``escapes`` may be those of a
+    larger buffer that contains ``data`` (the whole chunk: found once, not per event).
+    """
+    for src, dst in json_escapes_in(data) if escapes is None else escapes:
+        data = data.replace(src, dst)
+    return data
+
+
+def event_line(t: float, stream: str, value: Any, escapes: Escapes | None = None) -> bytes:
     """``formats.dumps_line([t, stream, value])`` for a data event, without building an encoder per call.
 
-    The bytes are identical (tested): floats use ``float.__repr__`` as json does, strings the same
-    escaping; the relay thread calls this for every read, so it has to be cheap.
+    ``value`` is a codec data value, or ``bytes`` standing for the data value of valid UTF-8 (its
+    decoded str). The bytes are identical (tested): floats use ``float.__repr__`` as json does,
+    strings the same escaping; the encoder calls this for every event, so it has to be cheap.
     """
+    if type(value) is bytes:
+        body = escape_utf8(value, escapes)
+        return b"".join((b"[", repr(float(t)).encode(), b',"', stream.encode(), b'","', body, b'"]\n'))
     body = _quote(value) if type(value) is str else '{"b64":' + _quote(value["b64"]) + "}"
     return f'[{float(t)!r},"{stream}",{body}]\n'.encode()
+
+
+def serialize_lines(lines: list[bytes | tuple[float, str, Any]]) -> list[bytes]:
+    """Event lines for a chunk's events (bytes stay; (t, stream, data) tuples are serialized)."""
+    raw = [line[2] for line in lines if type(line) is tuple and type(line[2]) is bytes]
+    escapes = json_escapes_in(b"".join(raw)) if raw else None
+    return [line if type(line) is bytes else event_line(*line, escapes) for line in lines]
+
+
+class RawSplitter:
+    """:class:`~oneoff_audit.codec.Utf8Splitter` that keeps valid UTF-8 as bytes (no str is built).
+
+    ``feed`` returns the same data values as the codec's splitter, except that a read that is valid
+    UTF-8 (the usual case) comes back as its bytes, which :func:`event_line` writes as that string.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def feed(self, data: bytes) -> list[Any]:
+        buf = self._held + data if self._held else data
+        keep = _incomplete_tail(buf)
+        if keep:
+            self._held = buf[len(buf) - keep:]
+            buf = buf[: len(buf) - keep]
+        else:
+            self._held = b""
+        if not buf:
+            return []
+        if buf.isascii():
+            return [buf]
+        try:
+            buf.decode("utf-8")
+        except UnicodeDecodeError:
+            return encode_bytes(buf)
+        return [buf]
+
+    def flush(self) -> list[Any]:
+        held, self._held = self._held, b""
+        return encode_bytes(held) if held else []
 
 
 def encode_chunk_lines(header: dict[str, Any], lines: list[bytes], level: int = GZIP_LEVEL) -> bytes:
@@ -110,7 +185,7 @@ class Recorder:
         self.chunk_seconds = chunk_seconds
         self.t0 = t0
         self._clock = clock
-        self._splitters = {s: Utf8Splitter() for s in STREAM_NAMES}
+        self._splitters = {s: RawSplitter() for s in STREAM_NAMES}
         self._lines: list[bytes | tuple[float, str, Any]] = []
         self._withheld: list[Any] | None = None  # the last event while it may still grow
         self._bytes = _zero()
@@ -230,7 +305,8 @@ class Recorder:
 class ChunkStore(Protocol):
     """Where encoded chunks go (the uploader): True when kept (memory or spool), False when lost."""
 
-    def submit(self, name: str, key: str, data: bytes, *, force_memory: bool = False) -> bool: ...
+    def submit(self, name: str, key: str, data: bytes, *, force_memory: bool = False,
+               sha256: bytes | None = None) -> bool: ...
 
 
 @dataclass
@@ -330,12 +406,12 @@ class ChunkWriter:
             return GZIP_LEVEL_BEHIND  # another chunk is already waiting
         if self._compress_rate is not None:
             cost = self._compress_rate * chunk.total_bytes
-            if chunk.fill_seconds < 2 * cost:  # output arrives nearly as fast as we could compress it
+            if chunk.fill_seconds < COMPRESS_CPU_SHARE * cost:  # bulk output: compressing would eat CPU
                 return GZIP_LEVEL_BEHIND
         return GZIP_LEVEL
 
     def _write(self, chunk: SealedChunk, force: bool = False) -> None:
-        lines = [line if type(line) is bytes else event_line(*line) for line in chunk.lines]
+        lines = serialize_lines(chunk.lines)
         chunk.lines = lines  # serialized once, even if the chunk is kept for a retry
         if self._gap is not None:
             lines = [self._gap.marker_line(), *lines]
@@ -358,8 +434,9 @@ class ChunkWriter:
         else:
             self.uncompressed_chunks += 1
         key = keys.chunk_key(self.app, self.session_id, seq, self.staging_prefix)
-        if self._store.submit(f"chunks/{seq:08d}.gz", key, data, force_memory=force):
-            digest = formats.sha256_hex(data)
+        sha256 = hashlib.sha256(data).digest()
+        if self._store.submit(f"chunks/{seq:08d}.gz", key, data, force_memory=force, sha256=sha256):
+            digest = sha256.hex()
             self.totals.chunk_sha256.append(digest)
             self._prev = digest
             self.totals.event_count += len(lines)

@@ -15,6 +15,7 @@ S3 is reported, so the agent spools it with the close marker (``flush-spool`` pu
 
 from __future__ import annotations
 
+import base64
 import random
 import threading
 import time
@@ -40,9 +41,17 @@ class RetryPolicy:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-def put_object(s3: Any, bucket: str, key: str, body: bytes) -> None:
-    """One PUT of a staging object (the client makes one attempt; the caller retries)."""
-    s3.put_object(Bucket=bucket, Key=key, Body=body)
+def put_object(s3: Any, bucket: str, key: str, body: bytes, sha256: bytes | None = None) -> None:
+    """One PUT of a staging object (the client makes one attempt; the caller retries).
+
+    With ``sha256`` (the body's digest, which the chunk writer computes anyway for the hash chain)
+    S3 checks the body against it (``x-amz-checksum-sha256``) and botocore does not hash the body a
+    second time for its default CRC32 checksum.
+    """
+    if sha256 is None:
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    else:
+        s3.put_object(Bucket=bucket, Key=key, Body=body, ChecksumSHA256=base64.b64encode(sha256).decode())
 
 
 def put_with_retry(
@@ -82,6 +91,7 @@ class Item:
     data: bytes | None = None
     path: Path | None = None
     first: bool = False
+    sha256: bytes | None = None  # digest of the body, when the producer knows it
 
     def body(self) -> bytes:
         if self.data is not None:
@@ -140,13 +150,14 @@ class Uploader:
         """Bytes of objects held in memory, waiting for or in upload."""
         return self._mem
 
-    def submit(self, name: str, key: str, data: bytes, *, first: bool = False, force_memory: bool = False) -> bool:
+    def submit(self, name: str, key: str, data: bytes, *, first: bool = False, force_memory: bool = False,
+               sha256: bytes | None = None) -> bool:
         """Queue an object without waiting: in memory if the budget allows, else spooled; False if neither."""
         size = len(data)
         with self._cond:
             if force_memory or first or self._mem + size <= self.queue_bytes:
                 self._mem += size
-                self._enqueue(Item(name, key, size, data=data, first=first))
+                self._enqueue(Item(name, key, size, data=data, first=first, sha256=sha256))
                 return True
         if self.spool is None:
             return False
@@ -157,7 +168,7 @@ class Uploader:
             return False
         with self._cond:
             self.spooled += 1
-            self._enqueue(Item(name, key, size, path=path, first=first))
+            self._enqueue(Item(name, key, size, path=path, first=first, sha256=sha256))
         return True
 
     def _enqueue(self, item: Item) -> None:
@@ -212,7 +223,7 @@ class Uploader:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             try:
-                put_object(self._s3, self.bucket, item.key, item.body())
+                put_object(self._s3, self.bucket, item.key, item.body(), item.sha256)
                 return True
             except Exception as err:
                 attempt += 1
