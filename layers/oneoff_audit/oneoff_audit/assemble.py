@@ -63,6 +63,7 @@ from oneoff_audit.staging import (
     list_session,
     load_closed,
     load_opened,
+    read_small_object,
 )
 
 logger = Logger()
@@ -811,6 +812,11 @@ def _number(text: str) -> float | int:
     return int(value) if text.lstrip("-").isdigit() else value
 
 
+def close_marker_digest(closed: dict[str, Any] | None) -> str | None:
+    """SHA-256 of a close marker's canonical form: which marker a log was built from."""
+    return None if closed is None else hashlib.sha256(formats.dumps_line(closed)).hexdigest()
+
+
 def log_metadata(plan: Plan) -> dict[str, str]:
     """The log object's user metadata: the plaintext summary a recovering run rebuilds FiledLog from."""
     t = plan.trailer
@@ -836,6 +842,7 @@ def log_metadata(plan: Plan) -> dict[str, str]:
         "expected-chunk-count": _opt(t["expected_chunk_count"]),
         "chunk-slots": str(plan.chunk_slots),
         "close-marker": "true" if plan.closed is not None else "false",
+        "close-sha256": _opt(close_marker_digest(plan.closed)),
         "gaps-missing": _ranges(t["gaps"]["missing"]),
         "gaps-corrupt": ",".join(f"{g['seq']}:{g['reason']}" for g in t["gaps"]["corrupt"]),
     }
@@ -897,6 +904,7 @@ class LogSummary:
     exit: dict[str, int | None]
     chunk_slots: int
     close_marker: bool
+    close_sha256: str | None = None  # close_marker_digest of the marker the log was built from
 
     def covers(self) -> Callable[[int], bool]:
         """A test of whether the log holds the bytes of chunk ``seq`` (as events or as gap-data)."""
@@ -916,7 +924,8 @@ def _summary_from_plan(plan: Plan, log_key: str, version_id: str | None, ct_sha:
         filed_at=t["filed_at"], status=t["status"], complete=t["complete"],
         gaps={"missing": list(t["gaps"]["missing"]), "corrupt": [dict(g) for g in t["gaps"]["corrupt"]]},
     )
-    return LogSummary(filed, t["duration"], dict(t["exit"]), plan.chunk_slots, plan.closed is not None)
+    return LogSummary(filed, t["duration"], dict(t["exit"]), plan.chunk_slots, plan.closed is not None,
+                      close_marker_digest(plan.closed))
 
 
 def _summary_from_head(config: AssemblerConfig, app: str, session_id: str, log_key: str,
@@ -947,7 +956,8 @@ def _summary_from_head(config: AssemblerConfig, app: str, session_id: str, log_k
         )
         return LogSummary(filed, _unopt(meta["duration"], _number),
                           {"code": _unopt(code, int), "signal": _unopt(signal, int)},
-                          int(meta["chunk-slots"]), meta["close-marker"] == "true")
+                          int(meta["chunk-slots"]), meta["close-marker"] == "true",
+                          _unopt(meta.get("close-sha256", "-")))
     except (KeyError, ValueError) as err:
         raise IntegrityError(f"{log_key}: object metadata is not an oneoff-audit log summary ({err})") from err
 
@@ -1084,9 +1094,9 @@ def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
     late = [c.key for seq, c in sorted(staged.chunks.items()) if not covered(seq)]
     batches = [chunk_keys[i:i + 1000] for i in range(0, len(chunk_keys), 1000)]
     if staged.closed_key is not None:
-        if summary.close_marker:
+        if summary.close_marker and _is_filed_close_marker(config, staged.closed_key, summary.close_sha256):
             batches.append([staged.closed_key])
-        else:
+        else:  # no marker was filed, or this one is another (e.g. the genuine one after a forged one)
             late.append(staged.closed_key)
     if staged.opened_key is not None:
         batches.append([staged.opened_key])
@@ -1107,6 +1117,20 @@ def _cleanup(config: AssemblerConfig, summary: LogSummary) -> int:
         raise UnfiledStagingError(f"{len(late)} staged object(s) arrived after the log was filed and are in no "
                                   f"log; left in staging: {', '.join(late[:5])}")
     return deleted
+
+
+def _is_filed_close_marker(config: AssemblerConfig, key: str, filed_sha256: str | None) -> bool:
+    """True if the staged close marker is the one the log was built from (never delete another one)."""
+    if filed_sha256 is None:
+        return True  # a log filed before close-sha256 was recorded
+    try:
+        raw = read_small_object(config.bucket, key, formats.MAX_CLOSED_BYTES, "close marker")
+        closed = formats.read_json_object(raw, "close-marker", key, formats.MAX_CLOSED_BYTES)
+    except NotFoundError:
+        return True  # already deleted (by a concurrent run): nothing is left to keep
+    except FormatError:
+        return False
+    return close_marker_digest(closed) == filed_sha256
 
 
 def _write_manifest(config: AssemblerConfig, filed: FiledLog) -> None:

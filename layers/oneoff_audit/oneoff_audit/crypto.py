@@ -10,18 +10,19 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from functools import cache
 from typing import IO, Any
 
 import aws_encryption_sdk
-from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
+from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError, DecryptKeyError
 from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
 
 from oneoff_audit.aws import botocore_session
-from oneoff_audit.errors import DecryptionError, IntegrityError
+from oneoff_audit.errors import DecryptionError, IntegrityError, RetryLaterError
 
 PURPOSE = "oneoff-audit-log"
 ALGORITHM = Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
@@ -32,10 +33,47 @@ READ_SIZE = 1 << 20
 DECRYPT_ERRORS = (AWSEncryptionSDKClientError, InvalidTag, ClientError, BotoCoreError)
 
 
-def decryption_error(err: BaseException) -> DecryptionError:
-    """A one-line DecryptionError for what the SDK, the AEAD or KMS raised."""
+# KMS answers that mean "the key service is unavailable now", not "this message is bad".
+KMS_UNAVAILABLE = frozenset({
+    "KMSInternalException", "ThrottlingException", "DependencyTimeoutException", "ServiceUnavailableException",
+    "InternalFailure", "InternalError", "LimitExceededException", "RequestLimitExceeded", "connection",
+})
+_kms_calls = threading.local()
+
+
+class KeyServiceUnavailableError(RetryLaterError):
+    """KMS could not be reached or failed transiently: retry later (not a sign of tampering)."""
+
+
+def _note_kms_response(http_response: Any = None, parsed: Any = None, **_: Any) -> None:
+    failed = http_response is not None and getattr(http_response, "status_code", 200) >= 300
+    _kms_calls.last_error = (parsed or {}).get("Error", {}).get("Code", "unknown") if failed else None
+
+
+def _note_kms_exception(exception: Any = None, **_: Any) -> None:
+    if exception is not None:
+        _kms_calls.last_error = "connection"
+
+
+def last_kms_error() -> str | None:
+    """The error code of this thread's last KMS call (None if it succeeded)."""
+    return getattr(_kms_calls, "last_error", None)
+
+
+def decryption_error(err: BaseException) -> DecryptionError | KeyServiceUnavailableError:
+    """A one-line error for what the SDK, the AEAD or KMS raised.
+
+    The SDK reports a KMS outage as "Unable to decrypt any data key", the same words as for a data key
+    no key can open; the outcome of this thread's KMS call (recorded by a botocore hook) tells the two
+    apart, so an outage is a retry, never reported as a bad ciphertext.
+    """
     if isinstance(err, InvalidTag):
         return DecryptionError("cannot decrypt: a frame failed authentication (tampered or corrupted ciphertext)")
+    kms_error = last_kms_error()
+    if isinstance(err, DecryptKeyError) and kms_error in KMS_UNAVAILABLE:
+        return KeyServiceUnavailableError(f"key service unavailable ({kms_error}); retry later")
+    if isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in KMS_UNAVAILABLE:
+        return KeyServiceUnavailableError(f"key service unavailable ({err.response['Error']['Code']}); retry later")
     return DecryptionError(f"cannot decrypt: {err or type(err).__name__}")
 
 
@@ -50,9 +88,18 @@ def sdk_client() -> aws_encryption_sdk.EncryptionSDKClient:
     return aws_encryption_sdk.EncryptionSDKClient(commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT)
 
 
+def _observed_session() -> Any:
+    """The botocore session the SDK's KMS clients come from, with the outcome of each KMS call recorded
+    (registering again is a no-op: the handlers have unique ids)."""
+    session = botocore_session()
+    session.register("after-call.kms", _note_kms_response, unique_id="oneoff-audit-kms-outcome")
+    session.register("after-call-error.kms", _note_kms_exception, unique_id="oneoff-audit-kms-exception")
+    return session
+
+
 def key_provider(key_id: str | None) -> Any:
     """A strict KMS master key provider for ``key_id``; discovery mode when no key is given."""
-    session = botocore_session()
+    session = _observed_session()
     if key_id:
         return aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[key_id], botocore_session=session)
     return aws_encryption_sdk.DiscoveryAwsKmsMasterKeyProvider(botocore_session=session)
