@@ -97,7 +97,8 @@ def test_filed_log_is_exact_encrypted_indexed_signed_and_staging_is_gone(config,
         "complete": "true", "duration": "90.5", "exit": "0,-", "plaintext-size": str(len(log)),
         "plaintext-sha256": hashlib.sha256(log).hexdigest(), "chain-sha256": chunks.digests[-1],
         "event-count": "11", "events": "i:1,o:7,e:1,r:1,m:1", "bytes": "i:6,o:32,e:9", "chunk-count": "3",
-        "expected-chunk-count": "3", "chunk-slots": "3", "close-marker": "true", "gaps-missing": "",
+        "expected-chunk-count": "3", "chunk-slots": "3", "close-marker": "true",
+        "close-sha256": hashlib.sha256(formats.dumps_line(marker)).hexdigest(), "gaps-missing": "",
         "gaps-corrupt": "",
     }
 
