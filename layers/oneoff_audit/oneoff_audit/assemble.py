@@ -982,25 +982,9 @@ def _ciphertext_sha256(config: AssemblerConfig, app: str, session_id: str, log_k
             raise
     except (ImportError, FormatError, KeyError, ValueError):
         pass
-    return _stored_sha256(config.bucket, log_key, version_id)
+    from oneoff_audit.evidence.store import sha256_of_object
 
-
-def _stored_sha256(bucket: str, key: str, version_id: str | None) -> str:
-    """SHA-256 of a stored object's bytes, streamed."""
-    request: dict[str, Any] = {"Bucket": bucket, "Key": key}
-    if version_id:
-        request["VersionId"] = version_id
-    body = client("s3").get_object(**request)["Body"]
-    digest = hashlib.sha256()
-    try:
-        for piece in body.iter_chunks(1 << 20):
-            digest.update(piece)
-    finally:
-        body.close()
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- S3 steps
+    return sha256_of_object(config.bucket, log_key, version_id)
 
 
 def _head(bucket: str, key: str) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -148,3 +149,18 @@ def key_states(bucket: str, prefix: str) -> Iterator[KeyState]:
             version_id=versions[0][2].get("VersionId") if versions else None,
             written_at=versions[0][0] if versions else None,
         )
+
+
+def sha256_of_object(bucket: str, key: str, version_id: str | None = None) -> str:
+    """SHA-256 of a stored object (version), streamed in 1 MiB reads."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
+    if version_id:
+        kwargs["VersionId"] = version_id
+    body = client("s3").get_object(**kwargs)["Body"]
+    digest = hashlib.sha256()
+    try:
+        for block in iter(lambda: body.read(1 << 20), b""):
+            digest.update(block)
+    finally:
+        body.close()
+    return digest.hexdigest()

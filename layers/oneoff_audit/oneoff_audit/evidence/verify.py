@@ -11,7 +11,6 @@ too. Each problem is one :class:`Finding` with a kind from :data:`KINDS`.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +20,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from oneoff_audit import formats, keys
-from oneoff_audit.aws import client
 from oneoff_audit.errors import FormatError
 from oneoff_audit.evidence import signing, store
 from oneoff_audit.evidence.digest import (
@@ -83,20 +81,6 @@ def _gone(bucket: str, key: str) -> str:
     if past["versions"]:
         return "not readable although versions exist"
     return "not found and no version was ever stored (permanently deleted or never written)"
-
-
-def _sha256_of_object(bucket: str, key: str, version_id: str | None) -> str:
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
-    if version_id:
-        kwargs["VersionId"] = version_id
-    body = client("s3").get_object(**kwargs)["Body"]
-    digest = hashlib.sha256()
-    try:
-        for block in iter(lambda: body.read(1 << 20), b""):
-            digest.update(block)
-    finally:
-        body.close()
-    return digest.hexdigest()
 
 
 def parse_when(value: str | None, name: str) -> datetime | None:
@@ -279,7 +263,7 @@ class _Verifier:
                      f"records {manifest['ciphertext_size']}", session_id=session_id)
             return
         if self.deep or filed_version is None:
-            sha = _sha256_of_object(self.bucket, log_key, version)
+            sha = store.sha256_of_object(self.bucket, log_key, version)
             if sha != manifest["ciphertext_sha256"]:
                 self.add("log-replaced", log_key, f"sha256 is {sha}, the manifest records "
                          f"{manifest['ciphertext_sha256']}", session_id=session_id)
