@@ -44,7 +44,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from botocore.exceptions import ClientError
 
 from oneoff_audit import crypto, formats, keys
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, is_not_found, is_precondition_failed, is_write_conflict
 from oneoff_audit.codec import decode_data
 from oneoff_audit.config import AssemblerConfig
 from oneoff_audit.crypto import encrypting_reader
@@ -58,8 +58,6 @@ from oneoff_audit.staging import (
     StagedChunk,
     StagedSession,
     StagingChangedError,
-    error_code,
-    is_not_found,
     list_session,
     load_closed,
     load_opened,
@@ -868,7 +866,7 @@ def _write_gaps_sidecar(config: AssemblerConfig, plan: Plan) -> None:
         client("s3").put_object(Bucket=config.bucket, Key=key, Body=body, IfNoneMatch="*",
                                 ContentType="application/json", **config.retention.put_args())
     except ClientError as err:
-        if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
+        if not (is_precondition_failed(err) or is_write_conflict(err)):
             raise
         existing = client("s3").get_object(Bucket=config.bucket, Key=key)["Body"].read(len(body) + 1)
         if existing != body:
@@ -1057,7 +1055,7 @@ def _write_index(config: AssemblerConfig, summary: LogSummary, opened: dict[str,
         client("s3").put_object(Bucket=config.bucket, Key=key, Body=body, ContentType="application/json",
                                 IfNoneMatch="*", **config.retention.put_args())
     except ClientError as err:
-        if error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+        if is_precondition_failed(err) or is_write_conflict(err):
             return False
         raise
     return True

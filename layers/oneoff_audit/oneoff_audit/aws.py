@@ -12,6 +12,7 @@ from typing import Any
 import boto3
 import botocore.session
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 RETRY_CONFIG = Config(
     retries={"mode": "adaptive", "max_attempts": 8},
@@ -54,3 +55,27 @@ def reset_clients() -> None:
     client.cache_clear()
     client_no_retry.cache_clear()
     botocore_session.cache_clear()
+
+
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchVersion"})
+
+
+def error_code(err: ClientError) -> str:
+    """The service's error code of a ClientError (``NoSuchKey``, ``PreconditionFailed``, ``404``, ...)."""
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def is_not_found(err: ClientError) -> bool:
+    """True if ``err`` says the object (or version) does not exist."""
+    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return error_code(err) in NOT_FOUND_CODES or status == 404
+
+
+def is_precondition_failed(err: ClientError) -> bool:
+    """True if a conditional write (``If-None-Match: *``) found the key already there."""
+    return error_code(err) in ("PreconditionFailed", "412")
+
+
+def is_write_conflict(err: ClientError) -> bool:
+    """True if S3 refused a conditional write because another one to the same key is in flight."""
+    return error_code(err) in ("ConditionalRequestConflict", "409")

@@ -18,8 +18,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from oneoff_audit.aws import client
-from oneoff_audit.staging import error_code
+from oneoff_audit.aws import client, is_precondition_failed, is_write_conflict
 
 MIN_PART_SIZE = 8 << 20
 MAX_PARTS = 10_000
@@ -135,7 +134,7 @@ class MultipartUpload:
         except ClientError as err:
             # 412: the key exists. 409 ConditionalRequestConflict: a concurrent write to the key is in
             # progress; either way another writer got there first (the caller checks what is there).
-            if error_code(err) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if is_precondition_failed(err) or is_write_conflict(err):
                 self.abort()
                 raise AlreadyExistsError(self.key) from err
             raise

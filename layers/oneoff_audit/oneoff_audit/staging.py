@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 from urllib3.exceptions import ProtocolError
 
 from oneoff_audit import formats, keys
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, is_not_found, is_precondition_failed
 from oneoff_audit.errors import FormatError, InvalidIdError, NotFoundError, RetryLaterError
 
 READ_SIZE = 1 << 20
@@ -69,17 +69,6 @@ class ChunkReader(Protocol):
     def read_chunk(self, chunk: StagedChunk) -> Iterator[bytes]:
         """Raw pieces of ``chunk``; raises RetryLaterError if the object changed or vanished."""
         ...
-
-
-def error_code(err: ClientError) -> str:
-    """The S3/KMS error code of a ClientError (``NoSuchKey``, ``PreconditionFailed``, ...)."""
-    return str(err.response.get("Error", {}).get("Code", ""))
-
-
-def is_not_found(err: ClientError) -> bool:
-    """True if ``err`` says the object (or version) does not exist."""
-    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return error_code(err) in ("NoSuchKey", "404", "NotFound", "NoSuchVersion") or status == 404
 
 
 def list_session(bucket: str, app: str, session_id: str, staging_prefix: str) -> StagedSession:
@@ -246,7 +235,7 @@ class S3ChunkReader:
             try:
                 body = client("s3").get_object(**request)["Body"]
             except ClientError as err:
-                if is_not_found(err) or error_code(err) in ("PreconditionFailed", "412"):
+                if is_not_found(err) or is_precondition_failed(err):
                     raise StagingChangedError(f"{chunk.key} changed or vanished while being assembled") from err
                 raise
             try:

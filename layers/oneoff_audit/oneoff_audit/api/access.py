@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from oneoff_audit import formats, keys
 from oneoff_audit.api.auth import Identity
 from oneoff_audit.api.timeline import decode_cursor, encode_cursor, parse_limit, single_params
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, is_precondition_failed
 from oneoff_audit.errors import FormatError, InvalidIdError, RetryLaterError
 
 FORMAT = "oneoff-audit.access"
@@ -84,7 +84,7 @@ def record_view(bucket: str, app: str, session_id: str, identity: Identity, how:
             client("s3").put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json",
                                     IfNoneMatch="*")
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
+            if not is_precondition_failed(err):
                 raise
             # the same request retried within the same microsecond: keep both records
             key = keys.access_key(app, session_id, now, str(uuid.uuid4()))

@@ -33,7 +33,7 @@ from botocore.exceptions import ClientError
 
 from oneoff_audit import crypto, export, formats, keys
 from oneoff_audit.api import timeline
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, error_code, is_not_found
 from oneoff_audit.config import ApiConfig
 from oneoff_audit.errors import (
     DecryptionError,
@@ -50,12 +50,7 @@ MAX_MANIFEST_BYTES = 16 << 20
 INLINE_OVERHEAD = 64 << 10  # message header and frame overhead of an inline-sized log, generously
 DETAIL_FULL_DECRYPT_MAX = 8 << 20  # session details decrypt smaller logs whole (header and trailer)
 HASH_CHUNK = 1 << 20
-_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchVersion")
 LOG_META_FORMAT = "oneoff-audit.log/1"  # the assembler's summary in the log object's user metadata
-
-
-def _missing(err: ClientError) -> bool:
-    return str(err.response.get("Error", {}).get("Code", "")) in _MISSING
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,7 @@ def _get_bytes(bucket: str, key: str, cap: int, version_id: str | None = None) -
     try:
         return client("s3").get_object(**kwargs)["Body"].read(cap + 1)
     except ClientError as err:
-        if _missing(err):
+        if is_not_found(err):
             return None
         raise
 
@@ -91,7 +86,7 @@ def _exists(bucket: str, key: str) -> bool:
         client("s3").head_object(Bucket=bucket, Key=key)
         return True
     except ClientError as err:
-        if _missing(err):
+        if is_not_found(err):
             return False
         raise
 
@@ -127,7 +122,7 @@ def read_index_entry(cfg: ApiConfig, app: str, session_id: str, started_at: str)
     try:
         return timeline.read_entry(client("s3"), cfg.bucket, app, key)
     except ClientError as err:
-        if _missing(err):
+        if is_not_found(err):
             return None
         raise
     except FormatError as err:
@@ -148,7 +143,7 @@ def locate(cfg: ApiConfig, app: str, session_id: str) -> FiledLog:
     try:
         head = client("s3").head_object(Bucket=cfg.bucket, Key=log_key)
     except ClientError as err:
-        if _missing(err):
+        if is_not_found(err):
             raise NotFoundError(f"no session {session_id!r} in app {app!r}") from err
         raise
     # Filed without a manifest (evidence signing off): the summary the assembler put in the log's metadata.
@@ -178,7 +173,7 @@ def _get_log(cfg: ApiConfig, filed: FiledLog) -> Any:
     try:
         return client("s3").get_object(**kwargs)
     except ClientError as err:
-        if _missing(err):
+        if is_not_found(err):
             raise IntegrityError(f"the filed log {filed.log_key} (version {filed.version_id}) is gone") from err
         raise
 
@@ -243,7 +238,7 @@ def _speculative_get(cfg: ApiConfig, app: str, session_id: str) -> tuple[str | N
     try:
         resp = client("s3").get_object(Bucket=cfg.bucket, Key=keys.log_key(app, session_id), Range=f"bytes=0-{limit}")
     except ClientError as err:
-        if _missing(err) or str(err.response.get("Error", {}).get("Code")) == "InvalidRange":
+        if is_not_found(err) or error_code(err) == "InvalidRange":
             return None
         raise
     version = resp.get("VersionId")
@@ -421,7 +416,7 @@ def object_lock(cfg: ApiConfig, filed: FiledLog) -> dict[str, Any]:
     try:
         head = client("s3").head_object(**kwargs)
     except ClientError as err:
-        if _missing(err):
+        if is_not_found(err):
             raise IntegrityError(f"the filed log {filed.log_key} (version {filed.version_id}) is gone") from err
         raise
     until = head.get("ObjectLockRetainUntilDate")

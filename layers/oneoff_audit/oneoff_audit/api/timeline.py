@@ -30,7 +30,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from oneoff_audit import formats, keys
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, is_not_found
 from oneoff_audit.errors import FormatError, InvalidIdError
 from oneoff_audit.ids import validate_session_id
 
@@ -236,7 +236,7 @@ def _fetch(s3: Any, bucket: str, app: str) -> Callable[[str], tuple[str, dict[st
         except (FormatError, InvalidIdError) as err:
             return key, None, str(err)
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            if is_not_found(err):
                 return key, None, "deleted while listing"
             raise
     return fetch

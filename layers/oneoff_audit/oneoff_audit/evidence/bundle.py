@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 
 from oneoff_audit import __version__, formats, keys
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, is_not_found
 from oneoff_audit.errors import IntegrityError, NotFoundError
 from oneoff_audit.evidence import signing, store
 from oneoff_audit.evidence.digest import HOUR, MAX_DIGEST_BYTES, hour_floor
@@ -48,7 +48,7 @@ def _stream_log(zf: zipfile.ZipFile, name: str, bucket: str, key: str, version_i
     try:
         body = client("s3").get_object(**kwargs)["Body"]
     except ClientError as err:
-        if store.is_missing(err):
+        if is_not_found(err):
             raise IntegrityError(f"{key} version {version_id} named by the manifest is not stored") from err
         raise
     digest = hashlib.sha256()

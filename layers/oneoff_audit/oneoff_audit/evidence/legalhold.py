@@ -14,7 +14,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from oneoff_audit import formats, keys
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, is_not_found
 from oneoff_audit.errors import IntegrityError, NotFoundError
 from oneoff_audit.evidence import store
 from oneoff_audit.evidence.manifest import MAX_MANIFEST_BYTES, parse_manifest, signature_key
@@ -57,7 +57,7 @@ def set_legal_hold(bucket: str, app: str, session_id: str, on: bool) -> dict[str
         try:
             client("s3").put_object_legal_hold(**_version_args(bucket, key, version_id), LegalHold={"Status": status})
         except ClientError as err:
-            if store.is_missing(err):
+            if is_not_found(err):
                 raise IntegrityError(f"{key} version {version_id} is gone; run oneoff-audit verify-chain") from err
             raise
     return lock_status(bucket, app, session_id)

@@ -10,20 +10,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from oneoff_audit.aws import client
+from oneoff_audit.aws import client, error_code, is_not_found, is_precondition_failed, is_write_conflict
 from oneoff_audit.errors import RetryLaterError
-
-_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchVersion")
-
-
-def error_code(err: ClientError) -> str:
-    """The S3 error code of a ClientError (``PreconditionFailed``, ``NoSuchKey``, ``404``, ...)."""
-    return str(err.response.get("Error", {}).get("Code", ""))
-
-
-def is_missing(err: ClientError) -> bool:
-    """True if ``err`` says the object (or version) does not exist."""
-    return error_code(err) in _MISSING
 
 
 @dataclass(frozen=True)
@@ -49,9 +37,9 @@ def put_if_absent(bucket: str, key: str, body: bytes, content_type: str = "appli
         resp = client("s3").put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type,
                                        Metadata=metadata or {}, IfNoneMatch="*", **(lock or {}))
     except ClientError as err:
-        if error_code(err) in ("PreconditionFailed", "412"):
+        if is_precondition_failed(err):
             return False, None
-        if error_code(err) in ("ConditionalRequestConflict", "409"):  # a concurrent conditional write in flight
+        if is_write_conflict(err):  # a concurrent conditional write in flight
             raise RetryLaterError(f"{key}: a concurrent write is in progress") from err
         raise
     return True, resp.get("VersionId")
@@ -69,7 +57,7 @@ def get(bucket: str, key: str, version_id: str | None = None, max_bytes: int = 6
     try:
         resp = client("s3").get_object(**kwargs)
     except ClientError as err:
-        if is_missing(err):
+        if is_not_found(err):
             return None
         raise
     body = resp["Body"]
@@ -88,7 +76,7 @@ def head(bucket: str, key: str, version_id: str | None = None) -> dict[str, Any]
     try:
         return client("s3").head_object(**kwargs)
     except ClientError as err:
-        if is_missing(err) or error_code(err) in ("405", "MethodNotAllowed"):  # 405: a delete marker
+        if is_not_found(err) or error_code(err) in ("405", "MethodNotAllowed"):  # 405: a delete marker
             return None
         raise
 
