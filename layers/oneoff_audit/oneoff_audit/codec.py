@@ -112,12 +112,19 @@ class Utf8Splitter:
         """Bytes currently held back, waiting for the rest of a character."""
         return len(self._held)
 
+    def take(self, data: bytes) -> bytes:
+        """Held bytes + ``data``, minus an incomplete trailing character (held back for the next read)."""
+        buf = self._held + data if self._held else data
+        keep = _incomplete_tail(buf)
+        if keep:
+            self._held = buf[len(buf) - keep:]
+            return buf[: len(buf) - keep]
+        self._held = b""
+        return buf
+
     def feed(self, data: bytes) -> list[Data]:
         """Encode ``data`` (after any held bytes), holding back an incomplete trailing character."""
-        buf = self._held + data
-        keep = _incomplete_tail(buf)
-        self._held = buf[len(buf) - keep:] if keep else b""
-        body = buf[: len(buf) - keep] if keep else buf
+        body = self.take(data)
         return encode_bytes(body) if body else []
 
     def flush(self) -> list[Data]:

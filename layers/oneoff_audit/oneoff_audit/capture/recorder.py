@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from oneoff_audit import formats, keys
-from oneoff_audit.codec import _incomplete_tail, encode_bytes
+from oneoff_audit.codec import Utf8Splitter, encode_bytes
 
 CHUNK_FORMAT = "oneoff-audit.chunk"
 STREAM_NAMES = ("i", "o", "e")
@@ -97,30 +97,15 @@ def serialize_lines(lines: list[bytes | tuple[float, str, Any]]) -> list[bytes]:
     return [line if type(line) is bytes else event_line(*line, escapes) for line in lines]
 
 
-class RawSplitter:
+class RawSplitter(Utf8Splitter):
     """:class:`~oneoff_audit.codec.Utf8Splitter` that keeps valid UTF-8 as bytes (no str is built).
 
     ``feed`` returns the same data values as the codec's splitter, except that a read that is valid
     UTF-8 (the usual case) comes back as its bytes, which :func:`event_line` writes as that string.
     """
 
-    __slots__ = ("_held",)
-
-    def __init__(self) -> None:
-        self._held = b""
-
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def feed(self, data: bytes) -> list[Any]:
-        buf = self._held + data if self._held else data
-        keep = _incomplete_tail(buf)
-        if keep:
-            self._held = buf[len(buf) - keep:]
-            buf = buf[: len(buf) - keep]
-        else:
-            self._held = b""
+        buf = self.take(data)
         if not buf:
             return []
         if buf.isascii():
@@ -130,10 +115,6 @@ class RawSplitter:
         except UnicodeDecodeError:
             return encode_bytes(buf)
         return [buf]
-
-    def flush(self) -> list[Any]:
-        held, self._held = self._held, b""
-        return encode_bytes(held) if held else []
 
 
 def encode_chunk_lines(header: dict[str, Any], lines: list[bytes], level: int = GZIP_LEVEL) -> bytes:
