@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import format_samples
+
 from oneoff_audit.codec import decode_data
 from oneoff_audit.formats import dumps_line, log_header_from_session
 
@@ -67,12 +69,4 @@ def make_log(events: list[list[Any]], app: str = APP, sid: str = SID, term_size:
     return b"".join(lines)
 
 
-EVENTS = [
-    [0.0, "r", "120x40"],
-    [0.012345, "o", "irb(main):001> "],
-    [1.5, "i", "User.count\r"],
-    [1.5, "i", {"b64": "/w=="}],
-    [1.6, "o", "=> 42\r\n€ 😀\r\n"],
-    [1.7, "e", "warning: \u001b[31mred\u001b[0m\n"],
-    [2, "m", {"kind": "input-withheld", "bytes": 12}],
-]
+EVENTS = format_samples.events()  # one event of every stream and data form
