@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from oneoff_audit import crypto, export, formats
 from oneoff_audit.errors import IntegrityError, OneoffAuditError
+from oneoff_audit.files import replace_when_done
 from oneoff_audit.ids import validate_app, validate_session_id
 from oneoff_audit.verify import verify_log
 
@@ -291,35 +292,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _stream_to(url: str, dest: str, size: int, sha256: str, progress: bool) -> None:
     """Download ``url`` to ``dest`` via a temp file; rename only when size and SHA-256 match."""
-    directory = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(prefix=".oneoff-audit-", suffix=".partial", dir=directory)
     digest = hashlib.sha256()
     bar = _Progress(size, progress)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
-                    for block in iter(lambda: resp.read(BLOCK), b""):
-                        out.write(block)
-                        digest.update(block)
-                        bar.update(len(block))
-            except urllib.error.HTTPError as err:
-                raise ApiError(f"download failed: HTTP {err.code} (the link may have expired)") from None
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-                reason = getattr(err, "reason", None) or type(err).__name__
-                raise IntegrityError(f"download truncated: got {bar.done} of {size} bytes ({reason})") from None
-            out.flush()
-            os.fsync(out.fileno())
+    with replace_when_done(dest) as out:
+        try:
+            with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+                for block in iter(lambda: resp.read(BLOCK), b""):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        except urllib.error.HTTPError as err:
+            raise ApiError(f"download failed: HTTP {err.code} (the link may have expired)") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", None) or type(err).__name__
+            raise IntegrityError(f"download truncated: got {bar.done} of {size} bytes ({reason})") from None
         bar.finish()
         if bar.done != size:
             raise IntegrityError(f"download truncated: got {bar.done} of {size} bytes")
         if digest.hexdigest() != sha256:
             raise IntegrityError(f"downloaded file's SHA-256 {digest.hexdigest()} is not the filed {sha256}")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -345,24 +336,16 @@ def cmd_download(args: argparse.Namespace) -> int:
     if not {"header", "events", "trailer"} <= set(value):
         raise ApiError("the API's answer is neither a log nor a download link")
     expected = {k.lower(): v for k, v in resp_headers.items()}.get("x-oneoff-audit-sha256")
-    directory = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp = tempfile.mkstemp(prefix=".oneoff-audit-", suffix=".partial", dir=directory)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for line in ([value["header"]], value["events"], [value["trailer"]]):
-                for item in line:
-                    data = formats.dumps_line(item)
-                    digest.update(data)
-                    out.write(data)
+    with replace_when_done(args.output) as out:
+        for line in ([value["header"]], value["events"], [value["trailer"]]):
+            for item in line:
+                data = formats.dumps_line(item)
+                digest.update(data)
+                out.write(data)
         if expected and digest.hexdigest() != expected:
             raise IntegrityError(f"the inline log re-serialized to SHA-256 {digest.hexdigest()}, "
                                  f"the filed plaintext is {expected}")
-        os.replace(tmp, args.output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     print(f"wrote the decrypted log (inline, sha256 {digest.hexdigest()}) to {args.output}", file=sys.stderr)
     return 0
 

@@ -8,8 +8,6 @@ KMS-signed manifest gives non-repudiation), 1 MiB frames, and the encryption con
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from functools import cache
@@ -23,6 +21,7 @@ from cryptography.exceptions import InvalidTag
 
 from oneoff_audit.aws import botocore_session
 from oneoff_audit.errors import DecryptionError, IntegrityError, RetryLaterError
+from oneoff_audit.files import replace_when_done
 
 PURPOSE = "oneoff-audit-log"
 ALGORITHM = Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
@@ -147,23 +146,13 @@ def decrypt_to_file(source: IO[bytes], dest: str, key_id: str | None, app: str |
     temporary file beside ``dest`` that is renamed into place only after the last frame verified
     and the encryption context matched. Returns the encryption context.
     """
-    directory = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(prefix=".oneoff-audit-", suffix=".partial", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with sdk_client().stream(mode="d", source=source, key_provider=key_provider(key_id)) as decryptor:
-                    context = dict(decryptor.header.encryption_context)
-                    check_context(context, app, session_id)
-                    for block in decryptor:
-                        out.write(block)
-            except DECRYPT_ERRORS as err:
-                raise decryption_error(err) from err
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-        return context
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with replace_when_done(dest) as out:
+        try:
+            with sdk_client().stream(mode="d", source=source, key_provider=key_provider(key_id)) as decryptor:
+                context = dict(decryptor.header.encryption_context)
+                check_context(context, app, session_id)
+                for block in decryptor:
+                    out.write(block)
+        except DECRYPT_ERRORS as err:
+            raise decryption_error(err) from err
+    return context

@@ -9,10 +9,7 @@ digest and the digest's hash in the next one. Decrypting the log still needs KMS
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import tempfile
 import zipfile
 from datetime import datetime
 from typing import Any
@@ -26,6 +23,7 @@ from oneoff_audit.errors import IntegrityError, NotFoundError
 from oneoff_audit.evidence import signing, store
 from oneoff_audit.evidence.digest import HOUR, MAX_DIGEST_BYTES, hour_floor
 from oneoff_audit.evidence.manifest import MAX_MANIFEST_BYTES, parse_manifest, signature_key
+from oneoff_audit.files import replace_when_done
 from oneoff_audit.ids import validate_app, validate_session_id
 
 LOG_NAME = "log.jsonl.enc"
@@ -199,36 +197,27 @@ def build_bundle(bucket: str, app: str, session_id: str, signing_key_id: str, ou
                                                      serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
     folder = f"oneoff-audit-evidence-{app}-{session_id}/"
     sums: dict[str, str] = {}
-    directory = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".oneoff-audit-bundle-", suffix=".zip", dir=directory)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            sha, size = _stream_log(zf, folder + LOG_NAME, bucket, manifest["log_key"], manifest["log_version_id"])
-            if (sha, size) != (manifest["ciphertext_sha256"], manifest["ciphertext_size"]):
-                raise IntegrityError(f"{manifest['log_key']}: stored log (sha256 {sha}, {size} bytes) is not the one "
-                                     f"the manifest records ({manifest['ciphertext_sha256']}, "
-                                     f"{manifest['ciphertext_size']} bytes)")
-            sums[LOG_NAME] = sha
-            members: list[tuple[str, bytes]] = [(MANIFEST_NAME, manifest_obj.body),
-                                                (MANIFEST_NAME + ".sig", sig_obj.body)]
-            for name, body, sig in digests:
-                members += [(name, body), (name + ".sig", sig)]
-            members.append((PUBLIC_KEY_NAME, pem))
-            files = [LOG_NAME, *(name for name, _ in members)]
-            key_arn = sig_obj.metadata.get(signing.META_KEY_ID) or manifest["signing_key_id"]
-            readme = _readme(app, session_id, manifest, key_arn, fingerprint,
-                             digests[0][0] if digests else None, digests[1][0] if len(digests) > 1 else None,
-                             [*files, SUMS_NAME, README_NAME])
-            members.append((README_NAME, readme.encode("utf-8")))
-            for name, body in members:
-                zf.writestr(folder + name, body)
-                sums[name] = signing.sha256_hex(body)
-            zf.writestr(folder + SUMS_NAME, "".join(f"{sha}  {name}\n" for name, sha in sums.items()))
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with replace_when_done(out_path, ".zip") as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        sha, size = _stream_log(zf, folder + LOG_NAME, bucket, manifest["log_key"], manifest["log_version_id"])
+        if (sha, size) != (manifest["ciphertext_sha256"], manifest["ciphertext_size"]):
+            raise IntegrityError(f"{manifest['log_key']}: stored log (sha256 {sha}, {size} bytes) is not the one "
+                                 f"the manifest records ({manifest['ciphertext_sha256']}, "
+                                 f"{manifest['ciphertext_size']} bytes)")
+        sums[LOG_NAME] = sha
+        members: list[tuple[str, bytes]] = [(MANIFEST_NAME, manifest_obj.body),
+                                            (MANIFEST_NAME + ".sig", sig_obj.body)]
+        for name, body, sig in digests:
+            members += [(name, body), (name + ".sig", sig)]
+        members.append((PUBLIC_KEY_NAME, pem))
+        files = [LOG_NAME, *(name for name, _ in members)]
+        key_arn = sig_obj.metadata.get(signing.META_KEY_ID) or manifest["signing_key_id"]
+        readme = _readme(app, session_id, manifest, key_arn, fingerprint,
+                         digests[0][0] if digests else None, digests[1][0] if len(digests) > 1 else None,
+                         [*files, SUMS_NAME, README_NAME])
+        members.append((README_NAME, readme.encode("utf-8")))
+        for name, body in members:
+            zf.writestr(folder + name, body)
+            sums[name] = signing.sha256_hex(body)
+        zf.writestr(folder + SUMS_NAME, "".join(f"{sha}  {name}\n" for name, sha in sums.items()))
     return {"path": out_path, "files": [*files, SUMS_NAME, README_NAME], "covered": bool(digests),
             "manifest_key": mkey, "folder": folder}
