@@ -22,6 +22,7 @@ setup: $(STAMP) player
 
 # asciinema-player's standalone bundle (IIFE + CSS) for the dashboard page.
 $(PLAYER_STAMP):
+	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm)
 	npm install --prefix build/npm --no-audit --no-fund --loglevel=error $(PLAYER)
 	mkdir -p $(VENDOR)
 	cp build/npm/node_modules/asciinema-player/dist/bundle/asciinema-player.min.js \
