@@ -124,18 +124,21 @@ def test_concurrent_requests_are_served_one_handler_call_at_a_time():
         request(server, "GET", "/after-shutdown")
 
 
-def test_static_files_for_paths_outside_the_api(tmp_path):
+def test_static_files_beside_the_api(tmp_path):
+    """The dashboard's files are served by wrapping the handler (local.with_dashboard), over the bridge."""
+    from oneoff_audit.local import with_dashboard
+
     (tmp_path / "index.html").write_text("<h1>dashboard</h1>")
     (tmp_path / "app.js").write_text("console.log(1)")
     (tmp_path.parent / "secret.txt").write_text("no")
-    server = serve(echo, "127.0.0.1", 0, {}, static_dir=tmp_path)
+    server = serve(with_dashboard(echo, tmp_path), "127.0.0.1", 0, {})
     try:
         assert request(server, "GET", "/")[::2] == (200, b"<h1>dashboard</h1>")
-        status, headers, data = request(server, "GET", "/app.js")
+        status, headers, data = request(server, "GET", "/static/app.js")
         assert (status, data) == (200, b"console.log(1)")
-        assert dict(headers)["Content-Type"] in ("text/javascript", "application/javascript")
-        assert request(server, "GET", "/../secret.txt")[0] == 404
-        assert request(server, "GET", "/%2e%2e/secret.txt")[0] == 404
+        assert dict(headers)["Content-Type"].split(";")[0] in ("text/javascript", "application/javascript")
+        assert request(server, "GET", "/static/../secret.txt")[0] == 404
+        assert request(server, "GET", "/static/%2e%2e/secret.txt")[0] == 404
         assert json.loads(request(server, "GET", "/apps/app1/sessions")[2])["event"]["path"] == "/apps/app1/sessions"
     finally:
         server.shutdown()

@@ -13,8 +13,8 @@ The handler's proxy response (``statusCode``, ``headers``, ``multiValueHeaders``
 API Gateway's "Internal server error". Calls into the handler are serialized (one at a time, as
 one Lambda instance runs them): Powertools' resolver keeps the current event in class state.
 
-Used by the integration tests and by ``oneoff-audit local`` (which may also serve the dashboard's
-static files from ``static_dir`` for paths outside ``api_prefixes``).
+Used by the integration tests and by ``oneoff-audit local`` (which serves the dashboard's files by
+wrapping the handler: ``local.with_dashboard``).
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import mimetypes
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -163,12 +161,10 @@ class BridgeServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], handler: Handler, tokens: Mapping[str, Mapping[str, Any]],
-                 static_dir: Path | None, api_prefixes: tuple[str, ...], quiet: bool) -> None:
+                 quiet: bool) -> None:
         super().__init__(address, _RequestHandler)
         self.lambda_handler = handler
         self.tokens = tokens
-        self.static_dir = static_dir.resolve() if static_dir else None
-        self.api_prefixes = api_prefixes
         self.quiet = quiet
         self.invoke_lock = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -236,27 +232,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(length) if length else b""
 
-    def _static(self, head_only: bool) -> bool:
-        """Serve a static file when configured and the path is not an API path; True if answered."""
-        root = self.server.static_dir
-        path = unquote(urlsplit(self.path).path)
-        if root is None or any(path == p or path.startswith(p + "/") for p in self.server.api_prefixes):
-            return False
-        rel = path.lstrip("/") or "index.html"
-        target = (root / rel).resolve()
-        if target.is_dir():
-            target = target / "index.html"
-        if not target.is_relative_to(root) or not target.is_file():
-            self._send(404, [("Content-Type", "application/json")], b'{"message":"Not found"}', head_only)
-            return True
-        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-        self._send(200, [("Content-Type", ctype), ("Cache-Control", "no-cache")], target.read_bytes(), head_only)
-        return True
-
     def _handle(self) -> None:
-        head_only = self.command == "HEAD"
-        if self.command in ("GET", "HEAD") and self._static(head_only):
-            return
         body = self._read_body()
         if body is None:
             return
@@ -269,7 +245,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             response = None
         status, headers, data = response_parts(response)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self._send(status, headers, data, head_only)
+            self._send(status, headers, data, self.command == "HEAD")
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
 
@@ -280,16 +256,13 @@ def serve(
     port: int = 0,
     tokens: Mapping[str, Mapping[str, Any]] | None = None,
     *,
-    static_dir: str | Path | None = None,
-    api_prefixes: tuple[str, ...] = ("/apps",),
     quiet: bool = True,
 ) -> BridgeServer:
     """Start serving ``handler`` on ``host:port`` (0 = a free port) in a daemon thread; return the server.
 
     ``tokens`` maps bearer tokens to the claims an authorizer would pass. Stop with ``shutdown()``.
     """
-    server = BridgeServer((host, port), handler, tokens or {}, Path(static_dir) if static_dir else None,
-                          api_prefixes, quiet)
+    server = BridgeServer((host, port), handler, tokens or {}, quiet)
     server.thread = threading.Thread(target=server.serve_forever, name=f"api-bridge-{server.server_address[1]}",
                                      daemon=True)
     server.thread.start()
