@@ -820,7 +820,7 @@ def log_metadata(plan: Plan) -> dict[str, str]:
     t = plan.trailer
     exit_ = t["exit"]
     meta = {
-        "format": "oneoff-audit.log/1",
+        "format": formats.LOG_METADATA_FORMAT,
         "app": plan.app,
         "session-id": plan.session_id,
         "started-at": plan.opened["started_at"],
@@ -934,7 +934,7 @@ def _summary_from_head(config: AssemblerConfig, app: str, session_id: str, log_k
     if version_id in (None, "null"):
         version_id = None
     try:
-        if meta.get("format") != "oneoff-audit.log/1" or meta["app"] != app or meta["session-id"] != session_id:
+        if meta.get("format") != formats.LOG_METADATA_FORMAT or meta["app"] != app or meta["session-id"] != session_id:
             raise KeyError("format/app/session-id")
         if meta["gaps-missing"] == GAPS_IN_SIDECAR:
             gaps = _read_gaps_sidecar(config, app, session_id, meta["plaintext-sha256"])

@@ -28,6 +28,8 @@ from oneoff_audit.codec import decode_data
 from oneoff_audit.errors import FormatError
 
 STREAMS = ("i", "o", "e", "r", "m")
+# The assembler's summary of a filed log in its S3 user metadata (read back by recovery and the API).
+LOG_METADATA_FORMAT = "oneoff-audit.log/1"
 BYTE_STREAMS = ("i", "o", "e")
 STATUSES = ("succeeded", "failed", "killed", "abandoned")
 

@@ -50,7 +50,6 @@ MAX_MANIFEST_BYTES = 16 << 20
 INLINE_OVERHEAD = 64 << 10  # message header and frame overhead of an inline-sized log, generously
 DETAIL_FULL_DECRYPT_MAX = 8 << 20  # session details decrypt smaller logs whole (header and trailer)
 HASH_CHUNK = 1 << 20
-LOG_META_FORMAT = "oneoff-audit.log/1"  # the assembler's summary in the log object's user metadata
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def locate(cfg: ApiConfig, app: str, session_id: str) -> FiledLog:
     # Filed without a manifest (evidence signing off): the summary the assembler put in the log's metadata.
     meta = head.get("Metadata") or {}
     try:
-        if meta.get("format") != LOG_META_FORMAT or meta["app"] != app or meta["session-id"] != session_id:
+        if meta.get("format") != formats.LOG_METADATA_FORMAT or meta["app"] != app or meta["session-id"] != session_id:
             raise KeyError("format/app/session-id")
         started_at = meta["started-at"]
         formats.parse_time(started_at)
