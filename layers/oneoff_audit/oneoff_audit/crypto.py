@@ -19,7 +19,7 @@ from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
 from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
 
-from oneoff_audit.aws import botocore_session
+from oneoff_audit.aws import botocore_session, error_code
 from oneoff_audit.errors import DecryptionError, IntegrityError, RetryLaterError
 from oneoff_audit.files import replace_when_done
 
@@ -71,8 +71,8 @@ def decryption_error(err: BaseException) -> DecryptionError | KeyServiceUnavaila
     kms_error = last_kms_error()
     if isinstance(err, DecryptKeyError) and kms_error in KMS_UNAVAILABLE:
         return KeyServiceUnavailableError(f"key service unavailable ({kms_error}); retry later")
-    if isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in KMS_UNAVAILABLE:
-        return KeyServiceUnavailableError(f"key service unavailable ({err.response['Error']['Code']}); retry later")
+    if isinstance(err, ClientError) and error_code(err) in KMS_UNAVAILABLE:
+        return KeyServiceUnavailableError(f"key service unavailable ({error_code(err)}); retry later")
     return DecryptionError(f"cannot decrypt: {err or type(err).__name__}")
 
 
