@@ -48,7 +48,7 @@ from faultkit import (
 )
 
 from oneoff_audit import formats, keys
-from oneoff_audit.aws import client, reset_clients
+from oneoff_audit.aws import client
 from oneoff_audit.codec import decode_data
 from oneoff_audit.errors import OneoffAuditError
 from oneoff_audit.ids import new_session_id
@@ -1240,12 +1240,13 @@ def api_presigned_credential_expiry(h: Harness) -> None:
     file_and_account(h, chunks)
     server = credential_endpoint(300)
     h.on_stop(server.shutdown)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        h.monkeypatch.delenv(name, raising=False)
-    h.monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_address[1]}/creds")
-    reset_clients()
-    h.on_stop(reset_clients)  # the next row builds clients from the restored environment
-    body, params = _presigned(h, chunks.session_id)
+    # The container credentials hold only for this block: clients are cached per environment, so the
+    # clients built here are never served to anything after it (the endpoint stops with the row).
+    with h.monkeypatch.context() as scoped:
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            scoped.delenv(name, raising=False)
+        scoped.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_address[1]}/creds")
+        body, params = _presigned(h, chunks.session_id)
     assert 0 < body["expires_in"] <= 300 and params["X-Amz-Expires"] == str(body["expires_in"]), body
     assert params["X-Amz-Security-Token"] == "container-token"
 

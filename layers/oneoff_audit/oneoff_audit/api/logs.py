@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from botocore.exceptions import ClientError
 
 from oneoff_audit import crypto, export, formats, keys
 from oneoff_audit.api import timeline
-from oneoff_audit.aws import client, error_code, is_not_found
+from oneoff_audit.aws import client, client_environment, error_code, is_not_found
 from oneoff_audit.config import ApiConfig
 from oneoff_audit.errors import (
     DecryptionError,
@@ -178,14 +177,14 @@ def _get_log(cfg: ApiConfig, filed: FiledLog) -> Any:
 
 
 @cache
-def _provider(key_id: str, endpoint: str | None) -> Any:
-    """A KMS key provider per key (and endpoint), reused across requests: building one builds a client."""
+def _provider(key_id: str, environment: tuple[str | None, ...]) -> Any:
+    """A KMS key provider per key (and client environment), reused across requests: building one builds a client."""
     return crypto.key_provider(key_id)
 
 
 def decrypt_message(cfg: ApiConfig, ciphertext: bytes, app: str, session_id: str) -> bytes:
     """Decrypt a whole (inline-sized) message frame by frame; its encryption context must name this session."""
-    provider = _provider(cfg.kms_key_id, os.environ.get("AWS_ENDPOINT_URL"))
+    provider = _provider(cfg.kms_key_id, client_environment())
     try:
         with crypto.sdk_client().stream(mode="d", source=ciphertext, key_provider=provider) as decryptor:
             crypto.check_context(dict(decryptor.header.encryption_context), app, session_id)
