@@ -22,6 +22,7 @@ import os
 import pty
 import random
 import re
+import resource
 import select
 import shutil
 import statistics
@@ -112,8 +113,16 @@ class RssSampler(threading.Thread):
             time.sleep(0.02)
 
 
-def timed(argv: list[str], env: dict[str, str], sample_rss: bool = False) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds (process and its children) and peak RSS (kB, if sampled) of one run."""
+def own_cpu() -> float:
+    """CPU seconds of this process so far: the embedded S3 server (moto) runs in its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], env: dict[str, str], sample_rss: bool = False) -> tuple[float, float, int, float]:
+    """Wall seconds, CPU seconds (process and its children), peak RSS (kB, if sampled) of one run, and
+    the CPU seconds this process (the S3 server) spent meanwhile."""
+    server_cpu = own_cpu()
     started = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     sampler = RssSampler(proc.pid) if sample_rss else None
@@ -126,7 +135,7 @@ def timed(argv: list[str], env: dict[str, str], sample_rss: bool = False) -> tup
         raise SystemExit(f"{argv[:3]} failed with {proc.returncode}")
     if sampler:
         sampler.join(1)
-    return wall, usage.ru_utime + usage.ru_stime, sampler.peak_kb if sampler else 0
+    return wall, usage.ru_utime + usage.ru_stime, sampler.peak_kb if sampler else 0, own_cpu() - server_cpu
 
 
 def relay_seconds(log: Path) -> float:
@@ -243,6 +252,15 @@ def main() -> int:
         ratio_m = med["script"] / med["record-m"]
         print(f"  record vs script: {ratio:.2f}x (python -m: {ratio_m:.2f}x; relay phase alone: "
               f"{med['script'] / relay['record']:.2f}x)   record vs plain pipe: {med['direct'] / med['record']:.3f}x")
+        server = statistics.median(v[3] for v in res["record"])
+        cpus = os.cpu_count() or 1
+        floor = (cpu["script"] + server) / cpus
+        print(f"  S3 server (moto, in this process) during record: cpu {server:.2f} s "
+              f"({server / mib * 1000:.1f} ms/MiB); agent's own cpu {cpu['record'] - cpu['script']:.2f} s more than "
+              f"script's ({(cpu['record'] - cpu['script']) / mib * 1000:.1f} ms/MiB)")
+        print(f"  ceiling on this machine: even an agent costing no more CPU than script, plus the S3 server's "
+              f"work, needs >= ({cpu['script']:.2f} + {server:.2f}) / {cpus} CPUs = {floor:.2f} s: "
+              f"at best {med['script'] / max(med['script'], floor):.2f}x script")
         peak = rss["record"]
 
         print(f"\nkeystroke round trip, {args.keystrokes} keys (ms)")
