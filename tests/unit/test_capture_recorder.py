@@ -16,6 +16,7 @@ from oneoff_audit.capture.recorder import (
     ChunkWriter,
     RawSplitter,
     Recorder,
+    SealedChunk,
     encode_chunk_lines,
     event_line,
     serialize_lines,
@@ -301,3 +302,66 @@ def test_a_kept_marker_survives_when_memory_and_spool_are_full():
                                                                       "reason": "recording failed"}],
                                        ["m", events[2][2]]]
     assert events[2][2]["kind"] == "capture-gap" and events[2][2]["bytes"] == 10 == totals.lost_bytes
+
+
+def _raising_writer(store: MemoryStore, *, lost_raises: bool = False, stored_raises: bool = False) -> ChunkWriter:
+    def boom(*_args) -> None:
+        raise OSError(9, "Bad file descriptor")  # what waking a closed relay used to raise
+
+    return ChunkWriter("app1", "S1", "staging/", store, on_lost=boom if lost_raises else None,
+                       on_stored=boom if stored_raises else None)
+
+
+def test_a_failing_on_lost_callback_does_not_count_the_lost_chunk_twice():
+    """A chunk lost while the failure callback raised was once counted twice (a second, too large gap)."""
+    store = MemoryStore(refuse=b"lost")
+    writer = _raising_writer(store, lost_raises=True)
+    writer.start()
+    writer.put(SealedChunk([(0.5, "o", b"lost-o")], {"i": 0, "o": 6, "e": 0}, 0.5))
+    writer.put(SealedChunk([(1.0, "o", b"kept")], {"i": 0, "o": 4, "e": 0}, 1.0, keep=True))
+    totals = writer.close()
+    chunks = store.chunks()
+    check_chain(chunks, totals)
+    assert [events for _h, events, _raw in chunks] == [[
+        [0.5, "m", {"kind": "capture-gap", "bytes": 6, "streams": {"i": 0, "o": 6, "e": 0}, "events": 1,
+                    "reason": "S3 unavailable and the spool full or not writable"}],
+        [1.0, "o", "kept"]]]
+    assert (totals.lost_bytes, totals.lost_chunks, totals.lost_events) == (6, 1, 1)
+    assert isinstance(writer.error, OSError)  # still reported
+
+
+def test_a_failing_on_stored_callback_does_not_turn_a_stored_chunk_into_a_lost_one():
+    store = MemoryStore(refuse=b"lost")
+    writer = _raising_writer(store, stored_raises=True)
+    writer.start()
+    writer.put(SealedChunk([(0.5, "o", b"lost-o")], {"i": 0, "o": 6, "e": 0}, 0.5))
+    writer.put(SealedChunk([(1.0, "o", b"kept-1")], {"i": 0, "o": 6, "e": 0}, 1.0))  # stored: on_stored raises
+    writer.put(SealedChunk([(2.0, "o", b"kept-2")], {"i": 0, "o": 6, "e": 0}, 2.0, keep=True))
+    totals = writer.close()
+    chunks = store.chunks()
+    check_chain(chunks, totals)
+    assert [e for _h, events, _raw in chunks for e in events if e[1] == "m"] == [
+        [0.5, "m", {"kind": "capture-gap", "bytes": 6, "streams": {"i": 0, "o": 6, "e": 0}, "events": 1,
+                    "reason": "S3 unavailable and the spool full or not writable"}]]
+    assert stream_bytes(chunks, "o") == b"kept-1kept-2"
+    assert (totals.lost_bytes, totals.lost_chunks) == (6, 1)
+    assert totals.data_bytes == {"i": 0, "o": 12, "e": 0}
+
+
+def test_waking_a_closed_relay_is_a_no_op_and_never_writes_to_a_reused_fd():
+    import os
+    import signal
+
+    from oneoff_audit.capture.relay import SignalWaker
+
+    waker = SignalWaker([signal.SIGUSR2])
+    waker.close()
+    r, w = os.pipe()  # may reuse the waker's fd numbers
+    try:
+        waker.wake()  # raised OSError(EBADF) before, or wrote into whatever reused the fd
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 1)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -139,6 +139,7 @@ class SealedChunk:
     first_t: float
     keep: bool = False  # kept in memory even over budget: the last chunk, or one with a vital marker
     fill_seconds: float = 0.0  # from its first event to its sealing: how fast the output comes
+    accounted: bool = False  # counted as stored or as lost (never both, never twice)
 
     @property
     def total_bytes(self) -> int:
@@ -379,7 +380,8 @@ class ChunkWriter:
                 self._write(chunk, force=chunk.keep)
             except Exception as err:  # a bug must not block the relay: count the chunk as lost, say why
                 self.error = err
-                self._lose(chunk, f"chunk could not be encoded: {err!r}")
+                if not chunk.accounted:  # a chunk already stored (or counted lost) is not lost again
+                    self._lose(chunk, f"chunk could not be encoded: {err!r}")
 
     def _level(self, chunk: SealedChunk) -> int:
         """Compress unless that would make the writer fall behind the output (bulk output is stored)."""
@@ -417,6 +419,7 @@ class ChunkWriter:
         key = keys.chunk_key(self.app, self.session_id, seq, self.staging_prefix)
         sha256 = hashlib.sha256(data).digest()
         if self._store.submit(f"chunks/{seq:08d}.gz", key, data, force_memory=force, sha256=sha256):
+            chunk.accounted = True
             digest = sha256.hex()
             self.totals.chunk_sha256.append(digest)
             self._prev = digest
@@ -431,6 +434,7 @@ class ChunkWriter:
         self._lose(chunk, self.failure_reason)
 
     def _lose(self, chunk: SealedChunk, reason: str) -> None:
+        chunk.accounted = True
         if self._gap is None:
             self._gap = _PendingGap(t=chunk.first_t, reason=reason)
         for stream, count in chunk.data_bytes.items():

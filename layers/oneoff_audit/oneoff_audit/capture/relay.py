@@ -138,6 +138,8 @@ class SignalWaker:
 
     def __init__(self, signals: Sequence[int]) -> None:
         self._r, self._w = os.pipe()
+        self._closed = False
+        self._close_lock = threading.Lock()
         set_nonblocking(self._r)
         set_nonblocking(self._w)
         self.pending: list[int] = []
@@ -152,9 +154,12 @@ class SignalWaker:
         self.pending.append(signum)
 
     def wake(self) -> None:
-        """Make the poll loop run (from any thread)."""
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._w, b"\0")
+        """Make the poll loop run (from any thread); a no-op once closed (its fd number may be reused)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._w, b"\0")
 
     def drain(self) -> list[int]:
         """The signals received since the last call, in order."""
@@ -168,8 +173,10 @@ class SignalWaker:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         signal.set_wakeup_fd(self._old_wakeup)
-        os.close(self._r)
-        os.close(self._w)
+        with self._close_lock:
+            self._closed = True
+            os.close(self._r)
+            os.close(self._w)
 
 
 _libc: ctypes.CDLL | None = None
