@@ -15,7 +15,7 @@ import pytest
 from api_support import access_records, api_world, file_session, stage_pending
 
 from oneoff_audit import keys
-from oneoff_audit.aws import client, reset_clients
+from oneoff_audit.aws import client
 from oneoff_audit.formats import iter_log_lines
 
 pytestmark = pytest.mark.integration
@@ -77,13 +77,9 @@ def test_presign_ttl_is_capped_by_config_and_by_the_credentials(world, monkeypat
     assert world.get_json("/apps/app1/sessions/SMALL/log")[1]["expires_in"] == 30
     monkeypatch.setenv("PRESIGN_TTL", "600")
     expiry = time.time() + 200
-    monkeypatch.setenv("AWS_CREDENTIAL_EXPIRATION", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)))
-    reset_clients()
-    try:
+    with monkeypatch.context() as scoped:  # clients are cached per environment: none built here outlives it
+        scoped.setenv("AWS_CREDENTIAL_EXPIRATION", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expiry)))
         ttl = world.get_json("/apps/app1/sessions/SMALL/log")[1]["expires_in"]
-    finally:
-        monkeypatch.delenv("AWS_CREDENTIAL_EXPIRATION")
-        reset_clients()
     assert 190 <= ttl <= 200
 
 

@@ -6,6 +6,8 @@ import base64
 import gzip
 import hashlib
 import itertools
+import os
+import signal
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +23,7 @@ from oneoff_audit.capture.recorder import (
     event_line,
     serialize_lines,
 )
+from oneoff_audit.capture.relay import SignalWaker
 from oneoff_audit.codec import Utf8Splitter, decode_data
 
 pytestmark = pytest.mark.unit
@@ -349,11 +352,6 @@ def test_a_failing_on_stored_callback_does_not_turn_a_stored_chunk_into_a_lost_o
 
 
 def test_waking_a_closed_relay_is_a_no_op_and_never_writes_to_a_reused_fd():
-    import os
-    import signal
-
-    from oneoff_audit.capture.relay import SignalWaker
-
     waker = SignalWaker([signal.SIGUSR2])
     waker.close()
     r, w = os.pipe()  # may reuse the waker's fd numbers

@@ -97,8 +97,16 @@ def _observed_session() -> Any:
 
 
 def key_provider(key_id: str | None) -> Any:
-    """A strict KMS master key provider for ``key_id``; discovery mode when no key is given."""
-    session = _observed_session()
+    """A strict KMS master key provider for ``key_id``; discovery mode when no key is given.
+
+    Providers are reused (building one builds KMS clients) for as long as the botocore session they
+    use, which :func:`~oneoff_audit.aws.botocore_session` ties to the client environment.
+    """
+    return _key_provider(key_id, _observed_session())
+
+
+@cache
+def _key_provider(key_id: str | None, session: Any) -> Any:
     if key_id:
         return aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[key_id], botocore_session=session)
     return aws_encryption_sdk.DiscoveryAwsKmsMasterKeyProvider(botocore_session=session)

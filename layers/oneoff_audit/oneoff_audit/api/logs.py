@@ -25,14 +25,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from oneoff_audit import crypto, export, formats, keys
 from oneoff_audit.api import timeline
-from oneoff_audit.aws import client, client_environment, error_code, is_not_found
+from oneoff_audit.aws import client, error_code, is_not_found
 from oneoff_audit.config import ApiConfig
 from oneoff_audit.errors import (
     DecryptionError,
@@ -176,15 +175,9 @@ def _get_log(cfg: ApiConfig, filed: FiledLog) -> Any:
         raise
 
 
-@cache
-def _provider(key_id: str, environment: tuple[str | None, ...]) -> Any:
-    """A KMS key provider per key (and client environment), reused across requests: building one builds a client."""
-    return crypto.key_provider(key_id)
-
-
 def decrypt_message(cfg: ApiConfig, ciphertext: bytes, app: str, session_id: str) -> bytes:
     """Decrypt a whole (inline-sized) message frame by frame; its encryption context must name this session."""
-    provider = _provider(cfg.kms_key_id, client_environment())
+    provider = crypto.key_provider(cfg.kms_key_id)
     try:
         with crypto.sdk_client().stream(mode="d", source=ciphertext, key_provider=provider) as decryptor:
             crypto.check_context(dict(decryptor.header.encryption_context), app, session_id)

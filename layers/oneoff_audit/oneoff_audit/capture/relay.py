@@ -284,13 +284,7 @@ def spawn(argv: Sequence[bytes], env: dict[bytes, bytes], fds: tuple[int, int, i
             os._exit(code)
     os.close(err_w)
     chunks = []
-    while True:
-        try:
-            data = os.read(err_r, 64)
-        except InterruptedError:
-            continue
-        if not data:
-            break
+    while data := os.read(err_r, 64):  # EINTR is retried by Python itself (PEP 475)
         chunks.append(data)
     os.close(err_r)
     return pid, int(b"".join(chunks) or b"0")
